@@ -1,0 +1,81 @@
+"""The `slsd` command line: a thin Typer app. Each subcommand lives in `slsd_cli/commands/` as a
+small function that parses options and calls the library; no logic lives here."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from slsd_cli.commands import calibrate as _calibrate
+from slsd_cli.commands import demo as _demo
+from slsd_cli.commands import distill as _distill
+from slsd_cli.commands import evaluate as _evaluate
+from slsd_cli.commands import plot as _plot
+from slsd_cli.commands import prototypes as _prototypes
+from slsd_cli.commands import retrieve as _retrieve
+from slsd_cli.commands import split as _split
+from slsd_cli.commands import synth as _synth
+from slsd_cli.commands import train_teacher as _train_teacher
+from slsd_cli.errors import InputError
+
+app = typer.Typer(
+    name="slsd",
+    help="Semi-supervised instance segmentation for the long tail (Porcher et al.). "
+    "Run `slsd demo` for the whole pipeline on the embedded benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_debug = {"on": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+    _debug["on"] = debug
+
+
+app.command("synth")(_synth.synth)
+app.command("split")(_split.split)
+app.command("retrieve")(_retrieve.retrieve)
+app.command("prototypes")(_prototypes.prototypes)
+app.command("train-teacher", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})(
+    _train_teacher.train_teacher)
+app.command("calibrate")(_calibrate.calibrate)
+app.command("distill", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})(
+    _distill.distill)
+app.command("eval")(_evaluate.evaluate)
+app.add_typer(_plot.app, name="plot")
+app.command("demo")(_demo.demo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: bad input ends with one line on stderr and exit code 2."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        result = app(args=args, prog_name="slsd", standalone_mode=False)
+    except InputError as exc:
+        if debug:
+            raise
+        print(f"error: {exc.format()}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""`slsd prototypes` (being built)."""
+
+
+def prototypes() -> None:
+    """Not built yet."""
+    raise SystemExit("slsd prototypes is not built yet")

@@ -1,0 +1,358 @@
+"""Reading, validating and writing LVIS v1 / COCO instance annotations.
+
+Everything that reads a user's annotation file goes through `load_annotations`, which checks the
+whole file before any work starts and rejects the first bad record with an `InputError` naming the
+file and the record. Category ids stay as in the file; models use the contiguous index given by
+`Annotations.category_index`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from slsd_cli.errors import InputError
+from slsd_cli.io import read_json
+
+Protocol = Literal["lvis", "coco"]
+
+# LVIS frequency groups by the number of training images a class appears in.
+RARE_MAX_IMAGES = 10
+COMMON_MAX_IMAGES = 100
+# Boxes may overshoot the image by rounding; more than this is an error.
+BOX_TOLERANCE_PX = 1.0
+
+
+def frequency_group(image_count: int) -> str:
+    """'r' (<= 10 training images), 'c' (11-100) or 'f' (> 100), as LVIS defines them."""
+    if image_count <= RARE_MAX_IMAGES:
+        return "r"
+    if image_count <= COMMON_MAX_IMAGES:
+        return "c"
+    return "f"
+
+
+@dataclass
+class Annotations:
+    """A validated instance-segmentation dataset (LVIS v1 or COCO layout)."""
+
+    path: Path
+    data: dict[str, Any]
+    protocol: Protocol
+    images: dict[int, dict] = field(init=False)
+    categories: list[dict] = field(init=False)
+    annotations: list[dict] = field(init=False)
+    category_ids: list[int] = field(init=False)
+    category_index: dict[int, int] = field(init=False)
+    anns_by_image: dict[int, list[dict]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.images = {img["id"]: img for img in self.data["images"]}
+        self.categories = sorted(self.data["categories"], key=lambda c: c["id"])
+        self.annotations = self.data.get("annotations", [])
+        self.category_ids = [c["id"] for c in self.categories]
+        self.category_index = {cid: i for i, cid in enumerate(self.category_ids)}
+        by_image: dict[int, list[dict]] = defaultdict(list)
+        for ann in self.annotations:
+            by_image[ann["image_id"]].append(ann)
+        self.anns_by_image = dict(by_image)
+
+    @property
+    def image_ids(self) -> list[int]:
+        return sorted(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    def image_file(self, image_id: int, images_dir: str | Path) -> Path:
+        return Path(images_dir) / image_file_name(self.images[image_id])
+
+    def frequencies(self) -> list[str]:
+        """Frequency group per class (contiguous order): from the file when given, else computed."""
+        return [c["frequency"] for c in self.categories]
+
+    def image_counts(self) -> list[int]:
+        return [int(c["image_count"]) for c in self.categories]
+
+    def instance_counts(self) -> list[int]:
+        return [int(c["instance_count"]) for c in self.categories]
+
+
+def image_file_name(image: dict) -> str:
+    """COCO gives `file_name`; LVIS v1 gives `coco_url`, whose last part is the file name."""
+    if image.get("file_name"):
+        return str(image["file_name"])
+    return str(image["coco_url"]).rsplit("/", 1)[-1]
+
+
+def detect_protocol(data: dict) -> Protocol:
+    lvis_image_keys = ("neg_category_ids", "not_exhaustive_category_ids")
+    if any(k in img for img in data.get("images", [])[:50] for k in lvis_image_keys):
+        return "lvis"
+    if any("frequency" in c for c in data.get("categories", [])[:50]):
+        return "lvis"
+    return "coco"
+
+
+def category_stats(annotations: Iterable[dict], category_ids: Iterable[int]) -> dict[int, dict]:
+    """image_count, instance_count and frequency group of each category, from the annotations."""
+    images_of: dict[int, set] = {cid: set() for cid in category_ids}
+    instances = dict.fromkeys(images_of, 0)
+    for ann in annotations:
+        images_of[ann["category_id"]].add(ann["image_id"])
+        instances[ann["category_id"]] += 1
+    return {
+        cid: {"image_count": len(imgs), "instance_count": instances[cid], "frequency": frequency_group(len(imgs))}
+        for cid, imgs in images_of.items()
+    }
+
+
+def recount_categories(data: dict) -> dict:
+    """Return `data` with every category's counts and frequency group recomputed from its annotations."""
+    stats = category_stats(data.get("annotations", []), [c["id"] for c in data["categories"]])
+    categories = [{**c, **stats[c["id"]]} for c in data["categories"]]
+    return {**data, "categories": categories}
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require_keys(record: dict, keys: tuple[str, ...], path: Path, where: str) -> None:
+    if not isinstance(record, dict):
+        raise InputError("must be an object", path=path, record=where)
+    for key in keys:
+        if key not in record:
+            raise InputError(f"missing required key '{key}'", path=path, record=where)
+
+
+def _check_ids_unique(records: list[dict], path: Path, section: str) -> None:
+    seen: set = set()
+    for i, rec in enumerate(records):
+        if not isinstance(rec["id"], int) or isinstance(rec["id"], bool):
+            raise InputError(f"id must be an integer, got {rec['id']!r}", path=path, record=f"{section}[{i}]")
+        if rec["id"] in seen:
+            raise InputError(f"duplicate id {rec['id']}", path=path, record=f"{section}[{i}]")
+        seen.add(rec["id"])
+
+
+def _validate_segmentation(seg: Any, image: dict, path: Path, where: str) -> None:
+    if isinstance(seg, list):
+        if not seg:
+            raise InputError("empty polygon list", path=path, record=where)
+        for j, poly in enumerate(seg):
+            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+                raise InputError(f"polygon {j} must be a list of numbers", path=path, record=where)
+            if len(poly) < 6 or len(poly) % 2:
+                raise InputError(f"polygon {j} has {len(poly) / 2:g} points; at least 3 (x, y) pairs are needed",
+                                 path=path, record=where)
+    elif isinstance(seg, dict):
+        if "size" not in seg or "counts" not in seg:
+            raise InputError("RLE needs 'size' and 'counts'", path=path, record=where)
+        if list(seg["size"]) != [image["height"], image["width"]]:
+            raise InputError(f"RLE size {list(seg['size'])} disagrees with its image "
+                             f"({image['height']}x{image['width']})", path=path, record=where)
+    else:
+        raise InputError("segmentation must be polygons or an RLE object", path=path, record=where)
+
+
+def validate_dataset(data: Any, path: Path, require_annotations: bool = True) -> None:
+    """Check a whole dataset dict; raise InputError on the first bad record."""
+    if not isinstance(data, dict):
+        raise InputError("top level must be an object with 'images' and 'categories'", path=path)
+    required = ("images", "categories", "annotations") if require_annotations else ("images", "categories")
+    for key in required:
+        if key not in data:
+            raise InputError(f"missing required key '{key}'", path=path)
+        if not isinstance(data[key], list):
+            raise InputError(f"'{key}' must be a list", path=path)
+
+    for i, cat in enumerate(data["categories"]):
+        _require_keys(cat, ("id", "name"), path, f"categories[{i}]")
+    _check_ids_unique(data["categories"], path, "categories")
+    category_ids = {c["id"] for c in data["categories"]}
+
+    for i, img in enumerate(data["images"]):
+        where = f"images[{i}]"
+        _require_keys(img, ("id", "width", "height"), path, where)
+        if not img.get("file_name") and not img.get("coco_url"):
+            raise InputError("missing required key 'file_name' (or 'coco_url')", path=path, record=where)
+        for dim in ("width", "height"):
+            if not isinstance(img[dim], int) or img[dim] <= 0:
+                raise InputError(f"{dim} must be a positive integer, got {img[dim]!r}", path=path, record=where)
+        for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            for cid in img.get(key, []):
+                if cid not in category_ids:
+                    raise InputError(f"{key} names unknown category id {cid}", path=path,
+                                     record=f"{where} (id {img['id']})")
+    _check_ids_unique(data["images"], path, "images")
+    images = {img["id"]: img for img in data["images"]}
+
+    annotations = data.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise InputError("'annotations' must be a list", path=path)
+    for i, ann in enumerate(annotations):
+        where = f"annotations[{i}]"
+        _require_keys(ann, ("id", "image_id", "category_id", "bbox", "segmentation"), path, where)
+        where = f"annotations[{i}] (id {ann['id']})"
+        image = images.get(ann["image_id"])
+        if image is None:
+            raise InputError(f"unknown image id {ann['image_id']}", path=path, record=where)
+        if ann["category_id"] not in category_ids:
+            raise InputError(f"unknown category id {ann['category_id']}", path=path, record=where)
+        box = ann["bbox"]
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+            raise InputError(f"bbox must be 4 finite numbers [x, y, w, h], got {box!r}", path=path, record=where)
+        x, y, w, h = box
+        if w <= 0 or h <= 0:
+            raise InputError(f"degenerate bbox {box} (width and height must be > 0)", path=path, record=where)
+        tol = BOX_TOLERANCE_PX
+        if x < -tol or y < -tol or x + w > image["width"] + tol or y + h > image["height"] + tol:
+            raise InputError(f"bbox {box} lies outside its image ({image['width']}x{image['height']})",
+                             path=path, record=where)
+        _validate_segmentation(ann["segmentation"], image, path, where)
+    _check_ids_unique(annotations, path, "annotations")
+
+
+def load_annotations(path: str | Path, require_annotations: bool = True) -> Annotations:
+    """Read and validate an LVIS v1 or COCO instances json. Missing counts and frequency groups are
+    computed from the annotations (the groups of a file that has them are kept)."""
+    path = Path(path)
+    data = read_json(path)
+    validate_dataset(data, path, require_annotations=require_annotations)
+    data.setdefault("annotations", [])
+    protocol = detect_protocol(data)
+    if data["annotations"] or not all("frequency" in c for c in data["categories"]):
+        stats = category_stats(data["annotations"], [c["id"] for c in data["categories"]])
+        data["categories"] = [{**stats[c["id"]], **c} if "frequency" in c else {**c, **stats[c["id"]]}
+                              for c in data["categories"]]
+    for c in data["categories"]:
+        c.setdefault("image_count", 0)
+        c.setdefault("instance_count", 0)
+        c.setdefault("frequency", frequency_group(c["image_count"]))
+    return Annotations(path=path, data=data, protocol=protocol)
+
+
+# ---------------------------------------------------------------- masks and images
+
+
+def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
+    """Polygons, uncompressed or compressed RLE -> one compressed RLE."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
+def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
+    """Binary mask [H, W] uint8 of one annotation."""
+    return mask_utils.decode(segmentation_to_rle(ann["segmentation"], height, width)).astype(np.uint8)
+
+
+def encode_mask(mask: np.ndarray | torch.Tensor) -> dict:
+    """Binary [H, W] mask -> compressed RLE with a str `counts` (json-ready)."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.cpu().numpy()
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def load_image(path: str | Path, record: Any = None) -> torch.Tensor:
+    """Decode an image file to a uint8 RGB tensor [3, H, W]; a missing or unreadable file is an
+    InputError naming it."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("image file not found", path=path, record=record)
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        raise InputError(f"unreadable image ({exc})", path=path, record=record) from exc
+
+
+# ---------------------------------------------------------------- results (detections)
+
+
+def validate_results(results: Any, annotations: Annotations, path: str | Path,
+                     require_scores_in_unit_interval: bool = True) -> list[dict]:
+    """Check a detections list in the LVIS/COCO results format against its annotations.
+
+    Scalar fields are checked in bulk with numpy so LVIS-sized files (millions of detections) stay
+    fast; segmentations are checked one by one only when present.
+    """
+    path = Path(path)
+    if not isinstance(results, list):
+        raise InputError("detections must be a json list of results", path=path)
+    if not results:
+        return results
+    for i, det in enumerate(results):
+        if not isinstance(det, dict) or "image_id" not in det or "category_id" not in det or "score" not in det:
+            raise InputError("a result needs 'image_id', 'category_id' and 'score'", path=path, record=f"[{i}]")
+        if "bbox" not in det and "segmentation" not in det:
+            raise InputError("a result needs 'bbox' or 'segmentation'", path=path, record=f"[{i}]")
+
+    def first_bad(mask: np.ndarray) -> int | None:
+        bad = np.flatnonzero(mask)
+        return int(bad[0]) if bad.size else None
+
+    try:
+        image_ids = np.array([d["image_id"] for d in results], dtype=np.int64)
+        category_ids = np.array([d["category_id"] for d in results], dtype=np.int64)
+        scores = np.array([d["score"] for d in results], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"non-numeric image_id, category_id or score ({exc})", path=path) from exc
+    if (i := first_bad(~np.isin(image_ids, np.fromiter(annotations.images, dtype=np.int64)))) is not None:
+        raise InputError(f"unknown image id {results[i]['image_id']}", path=path, record=f"[{i}]")
+    if (i := first_bad(~np.isin(category_ids, np.array(annotations.category_ids, dtype=np.int64)))) is not None:
+        raise InputError(f"unknown category id {results[i]['category_id']}", path=path, record=f"[{i}]")
+    if (i := first_bad(~np.isfinite(scores))) is not None:
+        raise InputError(f"score is not a finite number ({results[i]['score']})", path=path, record=f"[{i}]")
+    if require_scores_in_unit_interval and (i := first_bad((scores < 0) | (scores > 1))) is not None:
+        raise InputError(f"score {results[i]['score']} is outside [0, 1]", path=path, record=f"[{i}]")
+    with_box = [i for i, d in enumerate(results) if "bbox" in d]
+    if with_box:
+        try:
+            boxes = np.array([results[i]["bbox"] for i in with_box], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"malformed bbox ({exc})", path=path) from exc
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            bad = next(i for i in with_box if not (isinstance(results[i]["bbox"], list) and len(results[i]["bbox"]) == 4))
+            raise InputError(f"bbox must be [x, y, w, h], got {results[bad]['bbox']!r}", path=path, record=f"[{bad}]")
+        bad_box = ~np.isfinite(boxes).all(axis=1) | (boxes[:, 2] < 0) | (boxes[:, 3] < 0)
+        if (j := first_bad(bad_box)) is not None:
+            i = with_box[j]
+            raise InputError(f"malformed bbox {results[i]['bbox']}", path=path, record=f"[{i}]")
+    for i, det in enumerate(results):
+        seg = det.get("segmentation")
+        if seg is None:
+            continue
+        image = annotations.images[det["image_id"]]
+        if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
+            raise InputError("segmentation must be an RLE object with 'size' and 'counts'", path=path, record=f"[{i}]")
+        if list(seg["size"]) != [image["height"], image["width"]]:
+            raise InputError(f"RLE size {seg['size']} disagrees with image {det['image_id']} "
+                             f"({image['height']}x{image['width']})", path=path, record=f"[{i}]")
+        if not isinstance(seg["counts"], (str, list)):
+            raise InputError("RLE counts must be a string or a list", path=path, record=f"[{i}]")
+    return results
+
+
+def dataset_dict(images: list[dict], annotations: list[dict], categories: list[dict],
+                 info: dict | None = None) -> dict:
+    """Assemble an LVIS-format dataset dict with counts and frequency groups recomputed."""
+    data = {"info": info or {}, "images": images, "annotations": annotations, "categories": categories}
+    return recount_categories(data)

@@ -1,0 +1,96 @@
+"""torchrun in a few functions: one process is world size 1, the same code path.
+
+Every heavy command calls `init()` first. Under `torchrun` the process group is created from the
+environment (gloo on CPU, nccl on CUDA); alone, nothing is created and the helpers below become
+no-ops. Results are exchanged as per-rank shard files or small reduced tensors, never gathered.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
+    """Join the torchrun process group if launched by torchrun; pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor across ranks in place (identity in a single process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Send a small python object (a path, a flag) from `src` to every rank."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def shard_indices(n: int, rank_: int | None = None, world_size_: int | None = None) -> range:
+    """Contiguous block of `range(n)` owned by a rank (blocks keep shard files in input order)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world_size_ is None else world_size_
+    per_rank = (n + w - 1) // w
+    return range(min(n, r * per_rank), min(n, (r + 1) * per_rank))
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

@@ -8,6 +8,15 @@ import sys
 import click
 import typer
 
+try:  # typer >= 0.20 ships its own copy of click; older releases use click itself
+    from typer._click import exceptions as _click_exceptions
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as _click_exceptions
+
+_USAGE_ERRORS = tuple({click.ClickException, _click_exceptions.ClickException})
+_EXITS = tuple({click.exceptions.Exit, typer.Exit})
+_ABORTS = tuple({click.exceptions.Abort, typer.Abort})
+
 from slsd_cli.commands import calibrate as _calibrate
 from slsd_cli.commands import demo as _demo
 from slsd_cli.commands import distill as _distill
@@ -63,12 +72,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc.format()}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as exc:
+    except _EXITS as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except _USAGE_ERRORS as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `slsd` alone: help was shown
+            exc.show()
+            return 0
         exc.show()
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _ABORTS:
         print("aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:

@@ -39,10 +39,19 @@ def init(device: str = "auto", timeout_minutes: int = 30) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        backend = "nccl" if use_cuda else "gloo"
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # After a torchrun --max-restarts restart the agent's store still holds the previous
+            # attempt's process-group keys (peer addresses); without a per-attempt prefix a new
+            # process can read a dead peer's address and fail to connect.
+            store = dist.PrefixStore(f"slsd/attempt_{attempt}", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                timeout=timeout))
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 

@@ -12,11 +12,18 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator
 
 from slsd_cli.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so light commands start fast
+    import torch
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_output(path: str | Path, force: bool) -> Path:
@@ -36,6 +43,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield tmp
         with open(tmp, "rb") as handle:  # make the bytes durable before the rename makes them visible
@@ -86,12 +94,16 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> None:
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
-def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+def torch_load(path: str | Path, map_location: "str | torch.device" = "cpu") -> Any:
     """Load a checkpoint without executing code (`weights_only=True`)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise InputError("checkpoint not found", path=path)
@@ -101,7 +113,7 @@ def torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> An
         raise InputError(f"unreadable checkpoint ({type(exc).__name__}: {exc})", path=path) from exc
 
 
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path,
+def save_safetensors_atomic(tensors: "dict[str, torch.Tensor]", path: str | Path,
                             metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -110,7 +122,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path,
         save_file(contiguous, str(tmp), metadata=metadata)
 
 
-def load_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def load_safetensors(path: str | Path) -> "tuple[dict[str, torch.Tensor], dict[str, str]]":
     from safetensors import safe_open
 
     path = Path(path)

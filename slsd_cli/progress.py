@@ -8,15 +8,22 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
-from slsd_cli import distributed
 
 console = Console(stderr=True)
+
+
+def _is_main() -> bool:
+    """Rank 0, or a single process. Read from the environment torchrun sets, so that printing does
+    not import torch (the CLI's --help stays fast)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def progress(transient: bool = False) -> Progress:
     """A progress bar that is silent on ranks other than 0 and when stderr is not a terminal
     (so CI logs and pipes stay clean)."""
-    enabled = distributed.is_main() and sys.stderr.isatty()
+    enabled = _is_main() and sys.stderr.isatty()
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -31,10 +38,10 @@ def progress(transient: bool = False) -> Progress:
 
 
 def info(message: str) -> None:
-    if distributed.is_main():
+    if _is_main():
         console.print(message)
 
 
 def warn(message: str) -> None:
-    if distributed.is_main():
+    if _is_main():
         console.print(f"[yellow]warning:[/yellow] {message}")

@@ -160,6 +160,10 @@ def _validate_segmentation(seg: Any, image: dict, path: Path, where: str) -> Non
     elif isinstance(seg, dict):
         if "size" not in seg or "counts" not in seg:
             raise InputError("RLE needs 'size' and 'counts'", path=path, record=where)
+        if not isinstance(seg["size"], list) or len(seg["size"]) != 2:
+            raise InputError(f"RLE size must be [height, width], got {seg['size']!r}", path=path, record=where)
+        if not isinstance(seg["counts"], (str, list)):
+            raise InputError("RLE counts must be a string or a list of run lengths", path=path, record=where)
         if list(seg["size"]) != [image["height"], image["width"]]:
             raise InputError(f"RLE size {list(seg['size'])} disagrees with its image "
                              f"({image['height']}x{image['width']})", path=path, record=where)
@@ -189,9 +193,12 @@ def validate_dataset(data: Any, path: Path, require_annotations: bool = True) ->
         if not img.get("file_name") and not img.get("coco_url"):
             raise InputError("missing required key 'file_name' (or 'coco_url')", path=path, record=where)
         for dim in ("width", "height"):
-            if not isinstance(img[dim], int) or img[dim] <= 0:
+            if not isinstance(img[dim], int) or isinstance(img[dim], bool) or img[dim] <= 0:
                 raise InputError(f"{dim} must be a positive integer, got {img[dim]!r}", path=path, record=where)
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
+            if not isinstance(img.get(key, []), list):
+                raise InputError(f"{key} must be a list of category ids", path=path,
+                                 record=f"{where} (id {img['id']})")
             for cid in img.get(key, []):
                 if cid not in category_ids:
                     raise InputError(f"{key} names unknown category id {cid}", path=path,
@@ -206,6 +213,9 @@ def validate_dataset(data: Any, path: Path, require_annotations: bool = True) ->
         where = f"annotations[{i}]"
         _require_keys(ann, ("id", "image_id", "category_id", "bbox", "segmentation"), path, where)
         where = f"annotations[{i}] (id {ann['id']})"
+        for key in ("image_id", "category_id"):
+            if not isinstance(ann[key], int) or isinstance(ann[key], bool):
+                raise InputError(f"{key} must be an integer, got {ann[key]!r}", path=path, record=where)
         image = images.get(ann["image_id"])
         if image is None:
             raise InputError(f"unknown image id {ann['image_id']}", path=path, record=where)
@@ -272,16 +282,18 @@ def encode_mask(mask: np.ndarray | torch.Tensor) -> dict:
 
 def load_image(path: str | Path, record: Any = None) -> torch.Tensor:
     """Decode an image file to a uint8 RGB tensor [3, H, W]; a missing or unreadable file is an
-    InputError naming it."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    InputError naming it. (Pillow: torchvision's decoders are deprecated since 0.29.)"""
+    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise InputError("image file not found", path=path, record=record)
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError as exc:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"unreadable image ({exc})", path=path, record=record) from exc
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 # ---------------------------------------------------------------- results (detections)
@@ -304,6 +316,11 @@ def validate_results(results: Any, annotations: Annotations, path: str | Path,
             raise InputError("a result needs 'image_id', 'category_id' and 'score'", path=path, record=f"[{i}]")
         if "bbox" not in det and "segmentation" not in det:
             raise InputError("a result needs 'bbox' or 'segmentation'", path=path, record=f"[{i}]")
+        for key in ("image_id", "category_id"):
+            if not isinstance(det[key], int) or isinstance(det[key], bool):
+                raise InputError(f"{key} must be an integer, got {det[key]!r}", path=path, record=f"[{i}]")
+        if not isinstance(det["score"], (int, float)) or isinstance(det["score"], bool):
+            raise InputError(f"score must be a number, got {det['score']!r}", path=path, record=f"[{i}]")
 
     def first_bad(mask: np.ndarray) -> int | None:
         bad = np.flatnonzero(mask)
@@ -328,7 +345,12 @@ def validate_results(results: Any, annotations: Annotations, path: str | Path,
         try:
             boxes = np.array([results[i]["bbox"] for i in with_box], dtype=np.float64)
         except (TypeError, ValueError) as exc:
-            raise InputError(f"malformed bbox ({exc})", path=path) from exc
+            bad = next((i for i in with_box if not (isinstance(results[i]["bbox"], list) and len(results[i]["bbox"]) == 4
+                                                    and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            for v in results[i]["bbox"]))), None)
+            raise InputError(f"bbox must be 4 numbers [x, y, w, h], got "
+                             f"{results[bad]['bbox'] if bad is not None else exc!r}", path=path,
+                             record=None if bad is None else f"[{bad}]") from exc
         if boxes.ndim != 2 or boxes.shape[1] != 4:
             bad = next(i for i in with_box if not (isinstance(results[i]["bbox"], list) and len(results[i]["bbox"]) == 4))
             raise InputError(f"bbox must be [x, y, w, h], got {results[bad]['bbox']!r}", path=path, record=f"[{bad}]")

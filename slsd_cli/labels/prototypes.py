@@ -1,0 +1,402 @@
+"""Instance embeddings and class prototypes (paper Eq. 1) for `slsd prototypes`.
+
+Whole images go through a backbone in batches (resized so the longest edge is `image_size`,
+aspect kept, padded to a square `image_size` canvas); each instance's embedding is the RoIAlign of
+the backbone feature map over its box (`spatial_scale = 1 / stride`, `pool_size` x `pool_size`
+bins, averaged), or, with `mask_weighted`, the bins' average weighted by the instance mask's
+coverage of each bin. Embeddings are summed per class in float64 (`PrototypeAccumulator`); under
+torchrun each rank takes a contiguous shard of the images and the sums are all-reduced.
+
+Backbones: any timm model (`features_only=True`, one feature level) with pretrained weights by name
+(online), from a local file, or random init; or the backbone of an slsd detector run
+(`slsd_cli.model.weights.load_detector` and `model.backbone_feature_map`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from slsd_cli import distributed
+from slsd_cli.data.lvis import Annotations, annotation_mask, load_image
+from slsd_cli.errors import InputError
+from slsd_cli.io import load_safetensors, torch_load
+from slsd_cli.labels.smoothing import PrototypeAccumulator, cosine_similarity
+
+SAMPLING_RATIO = 2
+
+
+# ------------------------------------------------------------------ backbones
+
+
+@dataclass
+class Extractor:
+    """A backbone as a feature-map function of padded RGB 0..255 float batches."""
+
+    module: nn.Module
+    forward: Callable[[Tensor, list[tuple[int, int]]], tuple[Tensor, int]]
+    dim: int
+    stride: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class _TimmFeatures(nn.Module):
+    """timm `features_only` model at one level; normalises with the model's mean/std, then zeroes
+    the padding (detectron2's convention: pad after normalising)."""
+
+    def __init__(self, model: nn.Module, mean, std):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
+        x = (images - self.mean) / self.std
+        x = x * _valid_mask(x, image_sizes)
+        return self.model(x)[0]
+
+
+def _valid_mask(x: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
+    h_max, w_max = x.shape[-2:]
+    hs = torch.tensor([h for h, _ in image_sizes], device=x.device).view(-1, 1, 1, 1)
+    ws = torch.tensor([w for _, w in image_sizes], device=x.device).view(-1, 1, 1, 1)
+    rows = torch.arange(h_max, device=x.device).view(1, 1, -1, 1)
+    cols = torch.arange(w_max, device=x.device).view(1, 1, 1, -1)
+    return ((rows < hs) & (cols < ws)).to(x.dtype)
+
+
+def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class _MissingKeys(logging.Handler):
+    """Collects the keys timm reports missing while loading pretrained weights. timm loads
+    features_only models non-strictly (their classifier is dropped) and only logs what it missed;
+    we turn a missing backbone tensor into an error."""
+
+    PREFIX, SUFFIX = "Missing keys (", ") discovered"
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.missing: list[str] = []
+        self._logger = logging.getLogger("timm.models._builder")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX) and self.SUFFIX in message:
+            inner = message[len(self.PREFIX):message.rfind(self.SUFFIX)]
+            self.missing.extend(k for k in inner.split(", ") if k)
+
+    def __enter__(self) -> "_MissingKeys":
+        self._saved = self._logger.level, self._logger.propagate
+        self._logger.setLevel(logging.INFO)
+        self._logger.propagate = False
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._saved[0])
+        self._logger.propagate = self._saved[1]
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    """A state dict from a safetensors file or a torch file (weights_only=True); a checkpoint that
+    nests it under 'state_dict', 'model' or 'module' is unwrapped, a 'module.' prefix dropped."""
+    if not path.is_file():
+        raise InputError("weights file not found", path=path)
+    if path.suffix == ".safetensors":
+        state, _ = load_safetensors(path)
+    else:
+        state = torch_load(path)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise InputError("not a state dict of tensors", path=path)
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def timm_extractor(name: str, weights: str | Path | None = None, random_init: bool = False,
+                   feature_level: int = -1, image_size: int = 1024) -> Extractor:
+    """A timm backbone at one feature level (`feature_level` indexes timm's feature_info; -1 = last).
+
+    Weights: `weights` (a local safetensors or torch file, loaded with weights_only=True and passed
+    through timm's checkpoint filter), else `random_init`, else pretrained weights by name, which
+    needs the network (or the HF_HUB_OFFLINE cache); offline without --weights is an InputError.
+    ViT-like models are built for `image_size` inputs (timm resamples position embeddings).
+    """
+    import timm
+
+    if not timm.is_model(name) and not timm.is_model(name.split(".")[0]):
+        raise InputError(f"unknown timm model {name!r}", record="--backbone")
+    if weights is not None and random_init:
+        raise InputError("--weights and --random-init exclude each other")
+    kwargs: dict[str, Any] = {"features_only": True, "out_indices": (feature_level,)}
+    source = "random-init"
+    if weights is not None:
+        state = _read_state_dict(Path(weights))
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"state_dict": state})
+        source = f"file:{weights}"
+    elif not random_init:
+        if not os.environ.get("HF_HUB_OFFLINE") and not _online():
+            raise InputError(f"no network to download pretrained weights for {name!r}: pass --weights FILE "
+                             "(safetensors or torch state dict) or --random-init", record="--backbone")
+        kwargs["pretrained"] = True
+        source = "pretrained"
+
+    def create(extra: dict) -> nn.Module:
+        try:
+            return timm.create_model(name, **kwargs, **extra)
+        except TypeError:
+            raise
+        except IndexError as exc:
+            raise InputError(f"{name!r} has no feature level {feature_level}", record="--feature-level") from exc
+        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+            where = {"path": weights} if weights is not None else {"record": "--backbone"}
+            raise InputError(f"cannot build {name!r} with {source} weights ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:300]})", **where) from exc
+
+    capture = _MissingKeys()
+    with capture:
+        try:
+            model = create({"img_size": image_size})  # ViT-like models: inputs of image_size
+        except TypeError:
+            model = create({})  # CNNs take any size
+    model.eval()
+    if weights is not None:
+        base_cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(name.split(".")[0])
+        classifier = getattr(base_cfg, "classifier", None) or "head"
+        heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+        missing = [k for k in capture.missing if not any(k == h or k.startswith(h + ".") for h in heads)]
+        if missing:
+            raise InputError(f"{len(missing)} tensors of {name!r} are missing from the weights file (e.g. "
+                             f"{', '.join(missing[:3])}); is it a checkpoint of this model?", path=weights)
+    info = model.feature_info
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = cfg.get("mean", (0.485, 0.456, 0.406))
+    std = cfg.get("std", (0.229, 0.224, 0.225))
+    module = _TimmFeatures(model, mean, std)
+    stride = int(info.reduction()[-1])
+    dim = int(info.channels()[-1])
+    meta = {"backbone": name, "weights": source, "feature_level": feature_level, "stride": stride, "dim": dim,
+            "mean": list(mean), "std": list(std)}
+    return Extractor(module, lambda x, sizes: (module(x, sizes), stride), dim, stride, meta)
+
+
+def checkpoint_extractor(path: str | Path, annotations: Annotations | None = None) -> Extractor:
+    """The plain backbone map of an slsd detector run (model dir, model.safetensors or model.json)."""
+    try:
+        from slsd_cli.model.weights import load_detector
+    except ImportError as exc:  # the model package is optional at import time
+        raise InputError(f"slsd detector checkpoints are not available ({exc})", path=path) from exc
+    model, meta = load_detector(path)
+    model.eval()
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, 64, 64)
+        feats, stride = model.backbone_feature_map(probe, [(64, 64)])
+    dim = int(feats.shape[1])
+    categories = [c["id"] for c in meta.get("categories", [])]
+    info = {"backbone": f"checkpoint:{path}", "weights": f"checkpoint:{path}", "stride": int(stride), "dim": dim,
+            "model_backbone": meta.get("model", {}).get("backbone"),
+            "checkpoint_categories_match": annotations is not None and categories == annotations.category_ids}
+    return Extractor(model, lambda x, sizes: model.backbone_feature_map(x, sizes), dim, int(stride), info)
+
+
+# ------------------------------------------------------------------ data
+
+
+@dataclass
+class _Item:
+    image: Tensor          # float [3, h, w] 0..255, resized
+    size: tuple[int, int]  # (h, w) after resizing
+    boxes: Tensor          # [G, 4] xyxy in resized pixels
+    labels: Tensor         # [G] contiguous class index
+    weights: Tensor | None  # [G, k, k] mask coverage of each RoIAlign bin (mask-weighted pooling)
+
+
+class InstanceImages(torch.utils.data.Dataset):
+    """The images of a shard with their (non-crowd) instances, resized for the backbone."""
+
+    def __init__(self, annotations: Annotations, images_dir: str | Path, image_ids: list[int], image_size: int,
+                 pool_size: int = 7, mask_weighted: bool = False):
+        self.annotations = annotations
+        self.images_dir = Path(images_dir)
+        self.image_ids = image_ids
+        self.image_size = image_size
+        self.pool_size = pool_size
+        self.mask_weighted = mask_weighted
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> _Item:
+        image_id = self.image_ids[index]
+        record = self.annotations.images[image_id]
+        anns = [a for a in self.annotations.anns_by_image.get(image_id, []) if not a.get("iscrowd", 0)]
+        image = load_image(self.annotations.image_file(image_id, self.images_dir), record=f"image id {image_id}")
+        height, width = image.shape[-2:]
+        if (height, width) != (record["height"], record["width"]):
+            raise InputError(f"image is {height}x{width} but the annotations say {record['height']}x{record['width']}",
+                             path=self.annotations.image_file(image_id, self.images_dir), record=f"image id {image_id}")
+        image, (h, w) = resize_longest(image, self.image_size)
+        sx, sy = w / width, h / height
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2] *= sx
+        boxes[:, 1::2] *= sy
+        labels = torch.tensor([self.annotations.category_index[a["category_id"]] for a in anns], dtype=torch.int64)
+        weights = None
+        if self.mask_weighted:
+            weights = torch.stack([mask_bin_weights(annotation_mask(a, height, width), a["bbox"], self.pool_size)
+                                   for a in anns]) if anns else torch.zeros(0, self.pool_size, self.pool_size)
+        return _Item(image, (h, w), boxes.to(torch.float32), labels, weights)
+
+
+def resize_longest(image: Tensor, size: int) -> tuple[Tensor, tuple[int, int]]:
+    """uint8 [3, H, W] -> float [3, h, w] (0..255) with max(h, w) = size, aspect kept (bilinear,
+    antialiased)."""
+    height, width = image.shape[-2:]
+    scale = size / max(height, width)
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    x = image.float().unsqueeze(0)
+    if (h, w) != (height, width):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return x[0].clamp_(0, 255), (h, w)
+
+
+def mask_bin_weights(mask: np.ndarray, bbox: list[float], pool_size: int) -> Tensor:
+    """Fraction of each of the `pool_size` x `pool_size` RoIAlign bins of an instance's box that its
+    mask covers (the same bins, same sampling points as the feature RoIAlign). [k, k] float32."""
+    x, y, w, h = bbox
+    height, width = mask.shape
+    x0, y0 = max(0, int(math.floor(x)) - 1), max(0, int(math.floor(y)) - 1)
+    x1, y1 = min(width, int(math.ceil(x + w)) + 1), min(height, int(math.ceil(y + h)) + 1)
+    crop = torch.from_numpy(np.ascontiguousarray(mask[y0:y1, x0:x1])).float()[None, None]
+    box = torch.tensor([[0.0, x - x0, y - y0, x + w - x0, y + h - y0]])
+    return roi_align(crop, box, output_size=pool_size, spatial_scale=1.0, sampling_ratio=SAMPLING_RATIO,
+                     aligned=True)[0, 0]
+
+
+def collate(items: list[_Item]) -> dict[str, Any]:
+    """Pad a list of items into one batch [B, 3, S, S] (S = the largest edge in the batch)."""
+    side_h = max(item.size[0] for item in items)
+    side_w = max(item.size[1] for item in items)
+    side = max(side_h, side_w)
+    images = torch.zeros(len(items), 3, side, side)
+    for i, item in enumerate(items):
+        images[i, :, :item.size[0], :item.size[1]] = item.image
+    batch_index = torch.cat([torch.full((item.boxes.shape[0],), i, dtype=torch.float32)
+                             for i, item in enumerate(items)])
+    boxes = torch.cat([item.boxes for item in items])
+    rois = torch.cat([batch_index[:, None], boxes], dim=1)
+    weights = None
+    if items[0].weights is not None:
+        weights = torch.cat([item.weights for item in items])
+    return {"images": images, "sizes": [item.size for item in items], "rois": rois,
+            "labels": torch.cat([item.labels for item in items]), "weights": weights}
+
+
+# ------------------------------------------------------------------ embeddings
+
+
+def pool_instances(features: Tensor, rois: Tensor, stride: int, pool_size: int = 7,
+                   weights: Tensor | None = None) -> Tensor:
+    """Instance embeddings [K, D] from a feature map [B, D, h, w] and rois [K, 5] (batch index,
+    x1, y1, x2, y2 in input pixels): RoIAlign, then the mean over bins (or the mask-weighted mean;
+    an instance whose mask covers no bin falls back to the plain mean)."""
+    pooled = roi_align(features, rois.to(features), output_size=pool_size, spatial_scale=1.0 / stride,
+                       sampling_ratio=SAMPLING_RATIO, aligned=True)
+    if weights is None:
+        return pooled.mean(dim=(2, 3))
+    w = weights.to(pooled).unsqueeze(1)
+    total = w.sum(dim=(2, 3))
+    weighted = (pooled * w).sum(dim=(2, 3)) / total.clamp(min=1e-12)
+    return torch.where(total > 0, weighted, pooled.mean(dim=(2, 3)))
+
+
+def prototype_image_ids(annotations: Annotations) -> tuple[list[int], int]:
+    """Images with at least one non-crowd instance (sorted), and the number of crowd annotations
+    left out (COCO `iscrowd`: a crowd box is not one instance)."""
+    crowd = sum(1 for a in annotations.annotations if a.get("iscrowd", 0))
+    ids = sorted(i for i, anns in annotations.anns_by_image.items() if any(not a.get("iscrowd", 0) for a in anns))
+    return ids, crowd
+
+
+def accumulate_prototypes(extractor: Extractor, annotations: Annotations, images_dir: str | Path,
+                          image_ids: list[int], image_size: int = 1024, batch_size: int = 8, pool_size: int = 7,
+                          mask_weighted: bool = False, workers: int = 0, device: torch.device | str = "cpu",
+                          progress_task: Callable[[int], None] | None = None) -> PrototypeAccumulator:
+    """Embed every instance of `image_ids` and sum them per class (this process's share only)."""
+    dataset = InstanceImages(annotations, images_dir, image_ids, image_size, pool_size, mask_weighted)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=collate)
+    acc = PrototypeAccumulator(annotations.num_classes, extractor.dim, device="cpu")
+    extractor.module.to(device).eval()
+    with torch.inference_mode():
+        for batch in loader:
+            images = batch["images"].to(device)
+            features, stride = extractor.forward(images, batch["sizes"])
+            if batch["rois"].shape[0]:
+                weights = batch["weights"].to(device) if batch["weights"] is not None else None
+                emb = pool_instances(features.float(), batch["rois"].to(device), stride, pool_size, weights)
+                acc.add(emb.cpu(), batch["labels"])
+            if progress_task is not None:
+                progress_task(images.shape[0])
+    return acc
+
+
+def compute_prototypes(extractor: Extractor, annotations: Annotations, images_dir: str | Path,
+                       image_size: int = 1024, batch_size: int = 8, pool_size: int = 7, mask_weighted: bool = False,
+                       workers: int = 0, device: torch.device | str = "cpu",
+                       progress_task: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Prototypes of all classes, sharded over the torchrun ranks (all ranks get the result).
+
+    Returns prototypes [C, D] float64, counts [C], similarity [C, C] float64, category_ids,
+    images (total), crowd_skipped. An InputError on any rank stops every rank (the others raise
+    "another rank failed") instead of leaving them waiting in the all-reduce.
+    """
+    image_ids, crowd = prototype_image_ids(annotations)
+    shard = [image_ids[i] for i in distributed.shard_indices(len(image_ids))]
+    failure: Exception | None = None
+    acc = PrototypeAccumulator(annotations.num_classes, extractor.dim)
+    try:
+        acc = accumulate_prototypes(extractor, annotations, images_dir, shard, image_size, batch_size, pool_size,
+                                    mask_weighted, workers, device, progress_task)
+    except InputError as exc:
+        failure = exc
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=_reduce_device())
+    distributed.all_reduce_sum(flag)
+    if failure is not None:
+        raise failure
+    if flag.item() > 0:
+        raise InputError("another rank failed while embedding its images (see its error)")
+    acc.all_reduce()
+    prototypes = acc.prototypes()
+    return {"prototypes": prototypes, "counts": acc.counts, "similarity": cosine_similarity(prototypes),
+            "category_ids": list(annotations.category_ids), "images": len(image_ids), "crowd_skipped": crowd,
+            "instances": int(acc.counts.sum())}
+
+
+def _reduce_device() -> torch.device:
+    """nccl reduces CUDA tensors only; gloo and single processes use the CPU."""
+    if distributed.is_distributed() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

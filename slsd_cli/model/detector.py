@@ -1,0 +1,239 @@
+"""Cascade Mask R-CNN: backbone + pyramid, RPN, cascade box heads, mask head.
+
+Public interface
+- `CascadeMaskRCNN(cfg, num_classes, class_image_counts=None)`; counts give the federated-loss
+  class weights image_count ** federated_power (uniform when None).
+- `forward(images, image_sizes, targets)` (training): images float [B, 3, H, W] RGB 0..255, a padded
+  batch (normalisation and zeroing of the padding happen inside); image_sizes the valid (h, w) of
+  each image; targets[i] = {"boxes" [G,4] xyxy px, "labels" [G] long in 0..C-1, "masks" [G,h,w]
+  uint8/bool (image-sized or batch-padded), optional "class_targets" [G,C] soft targets (default
+  one-hot), optional "loss_weight" float}. Returns the named scalar losses rpn_cls, rpn_box,
+  cls_stage{k}, box_stage{k} (k = 0, 1, 2) and mask; their sum is the total loss. G = 0 is allowed.
+- `predict(images, image_sizes)` -> per image {"boxes" [N,4] xyxy input px, "scores" [N], "labels"
+  [N], "probs" [N,C] stage-averaged class probabilities (sigmoid, or the C foreground columns of
+  the softmax; background = 1 - sum), "mask_probs" [N,28,28] for the predicted class}. Runs in
+  eval mode whatever the module's mode, and restores it.
+- `backbone_feature_map(images, image_sizes=None)` -> ([B, D, h, w], stride): the plain backbone
+  map (ViT tokens / CNN stride-32 stage) for class prototypes.
+- `layer_ids()` -> ({param name: layer id}, num_layers) and `param_groups(lr, weight_decay,
+  layer_decay)` for layer-wise lr decay: lr scale = layer_decay ** (num_layers + 1 - id); heads and
+  pyramid have id num_layers + 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from slsd_cli.errors import InputError
+from slsd_cli.model.backbone import Backbone
+from slsd_cli.model.cascade import CascadeHeads
+from slsd_cli.model.config import ModelConfig
+from slsd_cli.model.losses import mask_loss
+from slsd_cli.model.mask_head import MaskHead, mask_targets, select_class
+from slsd_cli.model.poolers import MultiLevelRoIAlign
+from slsd_cli.model.rpn import RPN
+
+
+class CascadeMaskRCNN(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_classes: int, class_image_counts: list[int] | None = None):
+        super().__init__()
+        if num_classes < 1:
+            raise InputError("a detector needs at least one class", record="model")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        if class_image_counts is None:
+            weights = torch.ones(num_classes)
+        else:
+            if len(class_image_counts) != num_classes:
+                raise InputError(f"{len(class_image_counts)} class image counts for {num_classes} classes",
+                                 record="model")
+            weights = torch.tensor([float(c) for c in class_image_counts]).clamp(min=0) ** cfg.federated_power
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.backbone = Backbone(cfg)
+        strides = self.backbone.strides
+        channels = self.backbone.out_channels
+        self.rpn = RPN(cfg, channels, strides)
+        self.roi_heads = CascadeHeads(cfg, num_classes, channels, strides[:4], weights)
+        self.mask_pooler = MultiLevelRoIAlign(strides[:4], cfg.mask_pool_size, cfg.roi_sampling_ratio)
+        self.mask_head = MaskHead(channels, cfg.mask_head_convs, cfg.mask_head_channels, num_classes)
+
+    # ------------------------------------------------------------------ input
+    def preprocess(self, images: Tensor, image_sizes: list[tuple[int, int]] | None) -> Tensor:
+        """Normalise, zero the padding (as detectron2 pads after normalising), pad to the backbone's
+        size divisibility."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise InputError(f"images must be a [B, 3, H, W] batch, got shape {tuple(images.shape)}", record="model")
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        if image_sizes is not None:
+            if len(image_sizes) != x.shape[0]:
+                raise InputError(f"{len(image_sizes)} image sizes for a batch of {x.shape[0]}", record="model")
+            h_max, w_max = x.shape[-2:]
+            if any(h > h_max or w > w_max for h, w in image_sizes):
+                raise InputError(f"image sizes {image_sizes} exceed the batch {h_max}x{w_max}", record="model")
+            if any(h < h_max or w < w_max for h, w in image_sizes):
+                hs = torch.tensor([h for h, _ in image_sizes], device=x.device).view(-1, 1, 1, 1)
+                ws = torch.tensor([w for _, w in image_sizes], device=x.device).view(-1, 1, 1, 1)
+                rows = torch.arange(h_max, device=x.device).view(1, 1, -1, 1)
+                cols = torch.arange(w_max, device=x.device).view(1, 1, 1, -1)
+                x = x * ((rows < hs) & (cols < ws)).to(x.dtype)
+        d = self.backbone.size_divisibility
+        ph, pw = (-x.shape[-2]) % d, (-x.shape[-1]) % d
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        return x
+
+    def _check_targets(self, targets: list[dict], image_sizes: list[tuple[int, int]], device) -> list[dict]:
+        out = []
+        c = self.num_classes
+        for i, t in enumerate(targets):
+            where = f"targets[{i}]"
+            for key in ("boxes", "labels", "masks"):
+                if key not in t:
+                    raise InputError(f"missing {key!r}", record=where)
+            boxes = t["boxes"].to(device=device, dtype=torch.float32)
+            labels = t["labels"].to(device=device, dtype=torch.long)
+            masks = t["masks"].to(device)
+            g = labels.shape[0]
+            if boxes.shape != (g, 4) or labels.dim() != 1:
+                raise InputError(f"boxes {tuple(boxes.shape)} and labels {tuple(labels.shape)} disagree", record=where)
+            if masks.dim() != 3 or masks.shape[0] != g:
+                raise InputError(f"masks must be [G, H, W] with G = {g}, got {tuple(masks.shape)}", record=where)
+            if g:
+                if int(labels.min()) < 0 or int(labels.max()) >= c:
+                    raise InputError(f"labels must lie in 0..{c - 1}", record=where)
+                if not bool(torch.isfinite(boxes).all()):
+                    raise InputError("non-finite box", record=where)
+                bad = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+                if bool(bad.any()):
+                    j = int(torch.nonzero(bad)[0])
+                    raise InputError(f"degenerate box {boxes[j].tolist()}", record=f"{where}.boxes[{j}]")
+            if t.get("class_targets") is not None:
+                soft = t["class_targets"].to(device=device, dtype=torch.float32)
+                if soft.shape != (g, c):
+                    raise InputError(f"class_targets must be [{g}, {c}], got {tuple(soft.shape)}", record=where)
+                if not bool(torch.isfinite(soft).all()) or (g and (float(soft.min()) < 0 or float(soft.max()) > 1)):
+                    raise InputError("class_targets must be finite and in [0, 1]", record=where)
+            else:
+                soft = F.one_hot(labels, c).float()
+            weight = t.get("loss_weight", 1.0)
+            weight = float(weight.item() if isinstance(weight, Tensor) else weight)
+            out.append({"boxes": boxes, "labels": labels, "masks": masks, "class_targets": soft,
+                        "loss_weight": weight})
+        return out
+
+    # ------------------------------------------------------------------ training
+    def forward(self, images: Tensor, image_sizes: list[tuple[int, int]],
+                targets: list[dict] | None = None) -> dict[str, Tensor]:
+        if targets is None:
+            raise InputError("forward() computes training losses and needs targets; use predict() for "
+                             "detections", record="model")
+        image_sizes = [(int(h), int(w)) for h, w in image_sizes]
+        x = self.preprocess(images, image_sizes)
+        if len(targets) != x.shape[0]:
+            raise InputError(f"{len(targets)} targets for a batch of {x.shape[0]}", record="model")
+        targets = self._check_targets(targets, image_sizes, x.device)
+        features = self.backbone(x)
+        proposals, losses = self.rpn(features, image_sizes, targets)
+        box_losses, sampled = self.roi_heads.forward_train(features[:4], proposals, targets, image_sizes)
+        losses.update(box_losses)
+        losses["mask"] = self._mask_loss(features[:4], sampled, targets)
+        return losses
+
+    def _mask_loss(self, features: list[Tensor], sampled: list[dict], targets: list[dict]) -> Tensor:
+        boxes, logits_targets, labels, weights = [], [], [], []
+        for s, t in zip(sampled, targets):
+            fg = s["foreground"]
+            b, m = s["boxes"][fg], s["matched"][fg]
+            boxes.append(b)
+            if len(b):
+                logits_targets.append(mask_targets(t["masks"], b, m, 2 * self.cfg.mask_pool_size))
+                labels.append(t["labels"][m])
+            weights.append(torch.full((len(b),), t["loss_weight"], device=b.device))
+        num = sum(len(b) for b in boxes)
+        if num == 0:
+            # no foreground RoI: a zero loss that still touches the mask head's parameters
+            return sum(p.sum() for p in self.mask_head.parameters()) * 0.0
+        logits = self.mask_head(self.mask_pooler(features, boxes))
+        roi_weights = torch.cat(weights)
+        return mask_loss(select_class(logits, torch.cat(labels)), torch.cat(logits_targets),
+                         None if bool((roi_weights == 1).all()) else roi_weights)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict]:
+        was_training = self.training
+        self.eval()
+        try:
+            return self._predict(images, [(int(h), int(w)) for h, w in image_sizes])
+        finally:
+            self.train(was_training)
+
+    def _predict(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict]:
+        from torchvision.ops import batched_nms
+
+        cfg = self.cfg
+        x = self.preprocess(images, image_sizes)
+        features = self.backbone(x)
+        proposals, _ = self.rpn(features, image_sizes)
+        boxes, probs = self.roi_heads.forward_test(features[:4], proposals, image_sizes)
+        results = []
+        for b, p in zip(boxes, probs):
+            valid = torch.isfinite(b).all(1) & torch.isfinite(p).all(1)
+            cand = (p > cfg.test_score_threshold) & valid.unsqueeze(1)
+            roi, cls = torch.nonzero(cand, as_tuple=True)
+            scores = p[roi, cls]
+            keep = batched_nms(b[roi], scores, cls, cfg.test_nms)[:cfg.max_detections]
+            roi, cls = roi[keep], cls[keep]
+            results.append({"boxes": b[roi], "scores": scores[keep], "labels": cls, "probs": p[roi]})
+        # masks for the kept detections, on the predicted class
+        det_boxes = [r["boxes"] for r in results]
+        m = 2 * cfg.mask_pool_size
+        if sum(len(d) for d in det_boxes):
+            logits = self.mask_head(self.mask_pooler(features[:4], det_boxes))
+            mask_probs = torch.sigmoid(select_class(logits, torch.cat([r["labels"] for r in results])).float())
+        else:
+            mask_probs = x.new_zeros((0, m, m))
+        for r, mp in zip(results, mask_probs.split([len(d) for d in det_boxes])):
+            r["mask_probs"] = mp
+        return results
+
+    # ------------------------------------------------------------------ prototypes and optimiser
+    def backbone_feature_map(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None
+                             ) -> tuple[Tensor, int]:
+        """Plain backbone features [B, D, h, w] of 0..255 RGB images, and their stride in input pixels."""
+        return self.backbone.feature_map(self.preprocess(images, image_sizes))
+
+    def layer_ids(self) -> tuple[dict[str, int], int]:
+        backbone_ids, num_layers = self.backbone.layer_ids()
+        ids = {}
+        for name, _ in self.named_parameters():
+            if name.startswith("backbone."):
+                ids[name] = backbone_ids[name[len("backbone."):]]
+            else:
+                ids[name] = num_layers + 1
+        return ids, num_layers
+
+    def param_groups(self, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+        """AdamW groups: lr * layer_decay ** (num_layers + 1 - layer id); no weight decay on norm
+        layers and position embeddings (as detectron2's ViTDet recipe). Each group carries its
+        `lr_scale` so a scheduler can rescale `lr` per group."""
+        ids, num_layers = self.layer_ids()
+        no_decay = set()
+        for mname, module in self.named_modules():
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)):
+                no_decay.update(f"{mname}.{p}" if mname else p for p, _ in module.named_parameters(recurse=False))
+        groups: dict[tuple[int, bool], dict] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = not (name in no_decay or name.endswith("pos_embed"))
+            key = (ids[name], decay)
+            if key not in groups:
+                scale = layer_decay ** (num_layers + 1 - ids[name])
+                groups[key] = {"params": [], "lr": lr * scale, "lr_scale": scale, "layer_id": ids[name],
+                               "weight_decay": weight_decay if decay else 0.0}
+            groups[key]["params"].append(param)
+        return [groups[k] for k in sorted(groups)]

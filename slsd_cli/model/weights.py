@@ -1,0 +1,142 @@
+"""Saving, loading and building detectors.
+
+A saved detector is a directory with
+- `model.safetensors`: the state dict; its metadata repeats the class count and category ids;
+- `model.json`: {"format", "model" (the ModelConfig), "num_classes", "categories" [{id, name,
+  frequency, image_count, ...}] in contiguous class order, "extra" (anything the caller adds)}.
+Both are written atomically. `load_detector` rebuilds the model from the json (random init, no
+backbone weight download), then loads the tensors strictly: a missing, unexpected or differently
+shaped tensor, or categories that disagree (between the two files, or with the caller's list), is
+an InputError naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slsd_cli.config import from_dict, to_dict
+from slsd_cli.errors import InputError
+from slsd_cli.io import atomic_write_json, load_safetensors, read_json, save_safetensors_atomic
+from slsd_cli.model.config import ModelConfig
+from slsd_cli.model.detector import CascadeMaskRCNN
+
+FORMAT = "slsd-detector/1"
+WEIGHTS_NAME = "model.safetensors"
+META_NAME = "model.json"
+CATEGORY_KEYS = ("id", "name", "frequency", "image_count", "instance_count")
+
+
+def _category_records(categories: list[dict]) -> list[dict]:
+    out = []
+    for i, c in enumerate(categories):
+        if not isinstance(c, dict) or "id" not in c:
+            raise InputError("each category needs an 'id'", record=f"categories[{i}]")
+        out.append({k: c[k] for k in CATEGORY_KEYS if k in c})
+    ids = [c["id"] for c in out]
+    if len(set(ids)) != len(ids):
+        raise InputError("duplicate category ids", record="categories")
+    return out
+
+
+def build_detector(cfg: ModelConfig, categories: list[dict]) -> CascadeMaskRCNN:
+    """A detector for these categories (contiguous order = list order); federated-loss weights
+    from their `image_count` (uniform when a category lacks it)."""
+    categories = _category_records(categories)
+    counts = None
+    if all("image_count" in c for c in categories):
+        counts = [int(c["image_count"]) for c in categories]
+    elif cfg.classifier == "sigmoid" and cfg.use_federated:
+        from slsd_cli.progress import warn
+
+        warn("categories lack image_count: the federated loss samples classes uniformly")
+    return CascadeMaskRCNN(cfg, len(categories), counts)
+
+
+def save_detector(model: CascadeMaskRCNN, out_dir: str | Path, categories: list[dict], model_cfg: ModelConfig,
+                  extra: dict | None = None) -> None:
+    out_dir = Path(out_dir)
+    model = model.module if hasattr(model, "module") else model  # unwrap DDP
+    categories = _category_records(categories)
+    if len(categories) != model.num_classes:
+        raise InputError(f"{len(categories)} categories for a model with {model.num_classes} classes",
+                         path=out_dir)
+    ignore = ("pretrained", "pretrained_name", "weights")
+    given = {k: v for k, v in to_dict(model_cfg).items() if k not in ignore}
+    built = {k: v for k, v in to_dict(model.cfg).items() if k not in ignore}
+    if given != built:
+        diff = sorted(k for k in given if given[k] != built.get(k))
+        raise InputError(f"model_cfg differs from the config the model was built with ({', '.join(diff)})",
+                         path=out_dir)
+    state = dict(model.state_dict())
+    metadata = {"format": FORMAT, "num_classes": str(model.num_classes),
+                "category_ids": json.dumps([c["id"] for c in categories])}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors_atomic(state, out_dir / WEIGHTS_NAME, metadata=metadata)
+    meta = {"format": FORMAT, "model": to_dict(model_cfg), "num_classes": model.num_classes,
+            "categories": categories, "extra": extra or {}}
+    atomic_write_json(out_dir / META_NAME, meta, indent=1)
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    path = Path(path)
+    if path.is_dir():
+        return path / WEIGHTS_NAME, path / META_NAME
+    if path.suffix == ".json":
+        return path.with_name(WEIGHTS_NAME), path
+    return path, path.with_name(META_NAME)
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu",
+                  categories: list[dict] | None = None) -> tuple[CascadeMaskRCNN, dict[str, Any]]:
+    """Load a saved detector (run dir, model.safetensors or model.json). With `categories`, refuse
+    a checkpoint whose category ids (in order) differ. -> (model in eval mode on device, meta)."""
+    weights_path, meta_path = _paths(path)
+    if not weights_path.is_file():
+        raise InputError("no model.safetensors here (expected a run dir or a model.safetensors file)",
+                         path=weights_path)
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"not an slsd detector description (format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                         f"expected {FORMAT!r})", path=meta_path)
+    for key in ("model", "categories", "num_classes"):
+        if key not in meta:
+            raise InputError(f"missing {key!r}", path=meta_path)
+    cfg = from_dict(ModelConfig, meta["model"], source=meta_path, prefix="model.")
+    cfg = dataclasses.replace(cfg, pretrained=False, weights=None)  # the tensors come from the checkpoint
+    cats = meta["categories"]
+    if len(cats) != meta["num_classes"]:
+        raise InputError(f"{len(cats)} categories but num_classes = {meta['num_classes']}", path=meta_path)
+    ids = [c["id"] for c in cats]
+    if categories is not None:
+        want = [c["id"] for c in categories]
+        if want != ids:
+            diff = next((i for i, (a, b) in enumerate(zip(want, ids)) if a != b), min(len(want), len(ids)))
+            raise InputError(f"the checkpoint's {len(ids)} categories differ from the {len(want)} expected "
+                             f"(first difference at class index {diff})", path=meta_path)
+    tensors, metadata = load_safetensors(weights_path)
+    if metadata.get("category_ids") is not None and json.loads(metadata["category_ids"]) != ids:
+        raise InputError(f"category ids in the weights disagree with {meta_path.name}", path=weights_path)
+    model = build_detector(cfg, cats)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise InputError(f"weights do not fit the model described in {meta_path.name}: " + ", ".join(parts),
+                         path=weights_path)
+    for key, value in own.items():
+        if tensors[key].shape != value.shape:
+            raise InputError(f"tensor {key} has shape {tuple(tensors[key].shape)}, the model expects "
+                             f"{tuple(value.shape)}", path=weights_path)
+    model.load_state_dict(tensors)
+    model.to(device).eval()
+    return model, meta

@@ -1,0 +1,467 @@
+"""The paper's figures from slsd's output files (matplotlib, Agg; PNG and PDF).
+
+* `reliability_figure` - reliability diagrams side by side, ECE in each title (paper Fig. 3), from
+  calibration.json files (`slsd calibrate`).
+* `ap_vs_frequency_figure` - per-class AP against the class's training instance count, log x,
+  coloured by frequency group (Fig. 4), from metrics.json (`slsd eval`) and the training json.
+* `label_efficiency_figure` - AP and APr against the labeled fraction, one line per method (Fig. 2),
+  from several metrics.json files.
+* `predictions_figure` - masks, boxes and class names over images (Fig. 5), from a detections json.
+
+Each builds a `matplotlib.figure.Figure` of a fixed size (no pyplot, no global state); `save_figure`
+writes it as `<stem>.png` and `<stem>.pdf` atomically, refusing existing files unless forced.
+metrics.json holds AP as fractions in [0, 1] (-1 = undefined, the official tools' convention); the
+figures show percent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg canvas; pyplot is never used
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter, NullFormatter
+from pycocotools import mask as mask_utils
+
+from slsd_cli.data.lvis import Annotations, load_image, segmentation_to_rle, validate_results
+from slsd_cli.errors import InputError
+from slsd_cli.io import atomic_path, check_output, read_json
+
+DPI = 150
+PANEL_IN = 4.0  # reliability / label-efficiency panel side, inches
+GROUP_COLOURS = {"r": "#d62728", "c": "#1f77b4", "f": "#2ca02c"}
+GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
+IOU_TYPES = ("segm", "bbox")
+MAX_PREDICTION_IMAGES = 16
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _new_figure(width_in: float, height_in: float, dpi: int = DPI) -> Figure:
+    if not (isinstance(dpi, int) and 10 <= dpi <= 1200):
+        raise InputError(f"--dpi must be an integer in 10..1200, got {dpi!r}")
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+# ---------------------------------------------------------------- output
+
+
+def figure_paths(out: str | Path) -> tuple[Path, Path]:
+    """`FIG.png` (or any suffix, or none) -> (FIG.png, FIG.pdf)."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix.lower() in (".png", ".pdf") else out
+    return stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")
+
+
+def check_figure_outputs(out: str | Path, force: bool) -> tuple[Path, Path]:
+    """Refuse existing outputs before any work (unless forced)."""
+    png, pdf = figure_paths(out)
+    check_output(png, force)
+    check_output(pdf, force)
+    return png, pdf
+
+
+def save_figure(fig: Figure, out: str | Path, force: bool = False) -> tuple[Path, Path]:
+    """Write `fig` as PNG and PDF next to each other, atomically; metadata without dates, so the
+    same figure gives the same PNG bytes."""
+    png, pdf = check_figure_outputs(out, force)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=fig.dpi, metadata={"Software": None})
+    with atomic_path(pdf) as tmp:
+        fig.savefig(tmp, format="pdf", metadata={"CreationDate": None, "Creator": None, "Producer": None})
+    return png, pdf
+
+
+# ---------------------------------------------------------------- reliability (Fig. 3)
+
+
+@dataclass
+class Calibration:
+    ece: float
+    counts: np.ndarray
+    accuracy: np.ndarray
+    confidence: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    groups: dict[str, dict]
+
+
+def read_calibration(path: str | Path) -> Calibration:
+    """Read and check a calibration.json (`slsd calibrate`)."""
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise InputError("not a calibration file (top level must be an object)", path=path)
+    if not _number(data.get("ece")):
+        raise InputError("not a calibration file (no numeric 'ece'; see slsd calibrate)", path=path)
+    bins = data.get("reliability")
+    if not isinstance(bins, list) or not bins:
+        raise InputError("not a calibration file (no 'reliability' list of bins)", path=path)
+    n = len(bins)
+    rows = {k: np.zeros(n) for k in ("count", "accuracy", "confidence", "lower", "upper")}
+    for b, entry in enumerate(bins):
+        if not isinstance(entry, dict):
+            raise InputError("a bin must be an object", path=path, record=f"reliability[{b}]")
+        for key in ("count", "accuracy", "confidence"):
+            if not _number(entry.get(key)):
+                raise InputError(f"missing or non-numeric '{key}'", path=path, record=f"reliability[{b}]")
+            rows[key][b] = entry[key]
+        if entry["count"] < 0 or not (0 <= entry["accuracy"] <= 1 and 0 <= entry["confidence"] <= 1):
+            raise InputError("count must be >= 0, accuracy and confidence in [0, 1]", path=path,
+                             record=f"reliability[{b}]")
+        lower, upper = entry.get("lower", b / n), entry.get("upper", (b + 1) / n)
+        if not (_number(lower) and _number(upper) and 0 <= lower < upper <= 1):
+            raise InputError(f"bin edges must satisfy 0 <= lower < upper <= 1, got {lower!r}, {upper!r}",
+                             path=path, record=f"reliability[{b}]")
+        rows["lower"][b], rows["upper"][b] = lower, upper
+    groups = data.get("groups", {})
+    if not isinstance(groups, dict):
+        raise InputError("'groups' must be an object", path=path)
+    return Calibration(float(data["ece"]), rows["count"], rows["accuracy"], rows["confidence"], rows["lower"],
+                       rows["upper"], {g: v for g, v in groups.items() if isinstance(v, dict)})
+
+
+def reliability_figure(calibrations: Sequence[Calibration], labels: Sequence[str], dpi: int = DPI) -> Figure:
+    """One reliability diagram per calibration, side by side: per confidence bin, the accuracy
+    (bar) against the mean confidence (the gap shaded), the diagonal, and the share of detections
+    per bin underneath."""
+    if len(calibrations) != len(labels):
+        raise InputError(f"{len(labels)} labels for {len(calibrations)} calibration files")
+    n = len(calibrations)
+    fig = _new_figure(PANEL_IN * n, PANEL_IN * 1.3, dpi)
+    grid = fig.add_gridspec(2, n, height_ratios=[4, 1])
+    for i, (cal, label) in enumerate(zip(calibrations, labels)):
+        ax = fig.add_subplot(grid[0, i])
+        hist = fig.add_subplot(grid[1, i], sharex=ax)
+        width = cal.upper - cal.lower
+        used = cal.counts > 0
+        ax.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1, label="perfect calibration")
+        ax.bar(cal.lower[used], cal.accuracy[used], width=width[used], align="edge", color="#1f77b4",
+               edgecolor="black", lw=0.6, label="accuracy")
+        gap_lo = np.minimum(cal.accuracy, cal.confidence)[used]
+        gap_hi = np.maximum(cal.accuracy, cal.confidence)[used]
+        ax.bar(cal.lower[used], gap_hi - gap_lo, bottom=gap_lo, width=width[used], align="edge",
+               fill=False, edgecolor="#d62728", hatch="///", lw=0.8, label="gap to mean confidence")
+        ax.plot(cal.confidence[used], cal.accuracy[used], "o", color="black", ms=3, label="(confidence, accuracy)")
+        title = f"{label}: ECE {cal.ece:.3f}"
+        group_ece = [f"{g} {cal.groups[g]['ece']:.3f}" for g in ("r", "c", "f")
+                     if g in cal.groups and _number(cal.groups[g].get("ece"))]
+        if group_ece:
+            title += "\n(" + ", ".join(group_ece) + ")"
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.set_aspect("auto")
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelbottom=False)
+        total = cal.counts.sum()
+        share = cal.counts / total if total > 0 else cal.counts
+        hist.bar(cal.lower, share, width=width, align="edge", color="0.5", edgecolor="black", lw=0.5)
+        hist.set_xlabel("confidence")
+        hist.set_ylabel("share", fontsize=8)
+        hist.set_ylim(0, max(float(share.max()), 1e-6) * 1.1)
+        hist.text(0.02, 0.9, f"{int(total)} detections", transform=hist.transAxes, ha="left", va="top", fontsize=7)
+    handles, names = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=4, fontsize=7, frameon=False)
+    return fig
+
+
+# ---------------------------------------------------------------- AP vs frequency (Fig. 4)
+
+
+def read_metrics(path: str | Path) -> dict:
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, dict) or not any(isinstance(data.get(t), dict) for t in IOU_TYPES):
+        raise InputError("not a metrics file (no 'segm' or 'bbox' object; see slsd eval)", path=path)
+    return data
+
+
+def _metric_section(metrics: dict, iou_type: str, path: str | Path) -> dict:
+    if iou_type not in IOU_TYPES:
+        raise InputError(f"unknown IoU type {iou_type!r} (use segm or bbox)")
+    section = metrics.get(iou_type)
+    if not isinstance(section, dict):
+        raise InputError(f"no '{iou_type}' metrics (pass --iou-type {'bbox' if iou_type == 'segm' else 'segm'}?)",
+                         path=path)
+    return section
+
+
+def _ap_value(value: Any, path: str | Path, record: str) -> float | None:
+    """An AP in [0, 1], or None for -1 (undefined)."""
+    if not _number(value):
+        raise InputError(f"AP must be a number, got {value!r}", path=path, record=record)
+    if value == -1:
+        return None
+    if not 0 <= value <= 1:
+        raise InputError(f"AP must be a fraction in [0, 1] (or -1 when undefined), got {value!r}", path=path,
+                         record=record)
+    return float(value)
+
+
+def per_class_points(metrics: dict, annotations: Annotations, iou_type: str, path: str | Path
+                     ) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+    """(training instance count, AP, group) of every class with a defined AP, and the number of
+    classes whose AP is undefined (-1) or missing."""
+    section = _metric_section(metrics, iou_type, path)
+    per_class = section.get("per_class")
+    if not isinstance(per_class, dict):
+        raise InputError(f"no '{iou_type}.per_class' object", path=path)
+    index = annotations.category_index
+    counts = annotations.instance_counts()
+    groups = annotations.frequencies()
+    xs, ys, gs = [], [], []
+    for key, value in per_class.items():
+        record = f"{iou_type}.per_class.{key}"
+        try:
+            cid = int(key)
+        except ValueError:
+            raise InputError(f"category id {key!r} is not an integer", path=path, record=record) from None
+        if cid not in index:
+            raise InputError(f"category id {cid} is not in {annotations.path}", path=path, record=record)
+        ap = _ap_value(value, path, record)
+        if ap is None:
+            continue
+        xs.append(counts[index[cid]])
+        ys.append(ap)
+        gs.append(groups[index[cid]])
+    skipped = annotations.num_classes - len(xs)
+    return np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64), gs, skipped
+
+
+def ap_vs_frequency_figure(metrics: dict, annotations: Annotations, iou_type: str = "segm",
+                           metrics_path: str | Path = "metrics.json", title: str | None = None,
+                           dpi: int = DPI) -> Figure:
+    """Per-class AP against the training instance count (log x), coloured r/c/f, with each group's
+    AP (from the metrics' APr/APc/APf where given) as a dashed line."""
+    xs, ys, gs, skipped = per_class_points(metrics, annotations, iou_type, metrics_path)
+    if xs.size == 0:
+        raise InputError(f"no class has a defined {iou_type} AP (all -1)", path=metrics_path)
+    section = metrics[iou_type]
+    fig = _new_figure(6.4, 4.4, dpi)
+    ax = fig.add_subplot()
+    x_plot = np.maximum(xs, 0.5)  # classes absent from training sit at the left edge, labelled 0
+    groups = np.array(gs)
+    for g in ("r", "c", "f"):
+        sel = groups == g
+        if not sel.any():
+            continue
+        ax.scatter(x_plot[sel], 100 * ys[sel], s=22, color=GROUP_COLOURS[g], alpha=0.8, edgecolor="black", lw=0.4,
+                   label=f"{GROUP_NAMES[g]} ({int(sel.sum())})", zorder=3)
+        group_ap = section.get(f"AP{g}")
+        if _number(group_ap) and 0 <= group_ap <= 1:
+            ax.axhline(100 * group_ap, color=GROUP_COLOURS[g], ls="--", lw=1, alpha=0.8)
+            ax.text(1.01, 100 * group_ap, f"AP{g} {100 * group_ap:.1f}", color=GROUP_COLOURS[g], fontsize=7,
+                    va="center", transform=ax.get_yaxis_transform())
+    ax.set_xscale("log")
+    left = 0.4 if (xs < 1).any() else max(0.8, float(xs.min()) * 0.8)
+    ax.set_xlim(left, float(x_plot.max()) * 1.5)
+    if (xs < 1).any():
+        ticks = [0.5] + [10.0 ** k for k in range(0, int(math.log10(x_plot.max())) + 1)]
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: "0" if v < 1 else f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("training instances of the class (log scale)")
+    ax.set_ylabel(f"{iou_type} AP per class (%)")
+    ap = section.get("AP")
+    head = title or f"Per-class {iou_type} AP vs training frequency"
+    if _number(ap) and 0 <= ap <= 1:
+        head += f" (AP {100 * ap:.1f})"
+    ax.set_title(head, fontsize=10)
+    if skipped:
+        ax.text(0.01, 0.99, f"{skipped} classes without a defined AP not shown", transform=ax.transAxes,
+                fontsize=7, va="top")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=8, title="group (classes)", title_fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------- label efficiency (Fig. 2)
+
+
+@dataclass
+class Run:
+    method: str
+    fraction: float
+    ap: float | None
+    apr: float | None
+    path: str
+
+
+def label_efficiency_runs(paths: Sequence[str | Path], methods: Sequence[str] | None = None,
+                          fractions: Sequence[float] | None = None, iou_type: str = "segm") -> list[Run]:
+    """One run per metrics file: its method and labeled fraction from `methods` / `fractions`
+    (aligned with `paths`) or else from the file's `method` / `labeled_fraction` keys."""
+    if methods is not None and len(methods) != len(paths):
+        raise InputError(f"--methods has {len(methods)} entries for {len(paths)} metrics files")
+    if fractions is not None and len(fractions) != len(paths):
+        raise InputError(f"--fractions has {len(fractions)} entries for {len(paths)} metrics files")
+    runs, seen = [], {}
+    for i, path in enumerate(paths):
+        metrics = read_metrics(path)
+        method = methods[i] if methods is not None else metrics.get("method")
+        if not isinstance(method, str) or not method:
+            raise InputError("no 'method' in the file; pass --methods", path=path)
+        fraction = fractions[i] if fractions is not None else metrics.get("labeled_fraction")
+        if not _number(fraction):
+            raise InputError("no numeric 'labeled_fraction' in the file; pass --fractions", path=path)
+        if not 0 < fraction <= 1:
+            raise InputError(f"labeled fraction must be in (0, 1], got {fraction}", path=path)
+        section = _metric_section(metrics, iou_type, path)
+        values = []
+        for key in ("AP", "APr"):
+            if key not in section:
+                raise InputError(f"no '{iou_type}.{key}'", path=path)
+            values.append(_ap_value(section[key], path, f"{iou_type}.{key}"))
+        key = (method, float(fraction))
+        if key in seen:
+            raise InputError(f"method {method!r} at fraction {fraction:g} is also given by {seen[key]}", path=path)
+        seen[key] = str(path)
+        runs.append(Run(method, float(fraction), values[0], values[1], str(path)))
+    return runs
+
+
+def label_efficiency_figure(runs: Sequence[Run], iou_type: str = "segm", dpi: int = DPI) -> Figure:
+    """AP (left) and APr (right) against the labeled fraction (log x, in percent), one line per
+    method in the order they first appear; undefined values (-1) leave a gap."""
+    if not runs:
+        raise InputError("no metrics files given")
+    methods = list(dict.fromkeys(r.method for r in runs))
+    fig = _new_figure(2 * PANEL_IN + 1.6, PANEL_IN, dpi)
+    axes = fig.subplots(1, 2)
+    fractions = sorted({r.fraction for r in runs})
+    markers = "osD^v<>Ph*"
+    for ax, key, name in ((axes[0], "ap", "AP"), (axes[1], "apr", "AP$_r$")):
+        for m, method in enumerate(methods):
+            mine = sorted((r for r in runs if r.method == method), key=lambda r: r.fraction)
+            x = np.array([100 * r.fraction for r in mine])
+            y = np.array([np.nan if getattr(r, key) is None else 100 * getattr(r, key) for r in mine])
+            ax.plot(x, y, marker=markers[m % len(markers)], ms=5, lw=1.5, label=method)
+        ax.set_xscale("log")
+        ax.set_xticks([100 * f for f in fractions])
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if len(fractions) == 1:
+            ax.set_xlim(100 * fractions[0] / 2, 100 * fractions[0] * 2)
+        ax.set_xlabel("labeled data (% of the training set)")
+        ax.set_ylabel(f"{iou_type} {name} (%)")
+        ax.set_title(f"{name} vs labeled fraction", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, title="method", title_fontsize=8)
+    return fig
+
+
+# ---------------------------------------------------------------- predictions (Fig. 5)
+
+
+def read_detections(path: str | Path, annotations: Annotations) -> list[dict]:
+    path = Path(path)
+    return validate_results(read_json(path), annotations, path)
+
+
+def choose_images(detections: list[dict], annotations: Annotations, ids: Sequence[int] | None, score: float,
+                  max_images: int) -> list[int]:
+    """The given ids (checked), else the first `max_images` image ids with a detection >= score
+    (then other images, in id order, if too few have one)."""
+    if ids:
+        for image_id in ids:
+            if image_id not in annotations.images:
+                raise InputError(f"image id {image_id} is not in {annotations.path}", record="--ids")
+        if len(ids) > MAX_PREDICTION_IMAGES:
+            raise InputError(f"at most {MAX_PREDICTION_IMAGES} images per figure, got {len(ids)}", record="--ids")
+        return list(dict.fromkeys(ids))
+    if max_images < 1 or max_images > MAX_PREDICTION_IMAGES:
+        raise InputError(f"--max-images must be 1..{MAX_PREDICTION_IMAGES}, got {max_images}")
+    with_dets = sorted({d["image_id"] for d in detections if d["score"] >= score})
+    chosen = with_dets[:max_images]
+    for image_id in annotations.image_ids:
+        if len(chosen) >= max_images:
+            break
+        if image_id not in chosen:
+            chosen.append(image_id)
+    return chosen
+
+
+def _category_colour(index: int) -> np.ndarray:
+    return np.array(mpl.colormaps["tab20"](index % 20)[:3])
+
+
+def _draw_instances(ax, image: np.ndarray, instances: list[dict], annotations: Annotations, show_scores: bool) -> None:
+    height, width = image.shape[:2]
+    canvas = image.astype(np.float32) / 255.0
+    boxes = []
+    for inst in instances:
+        colour = _category_colour(annotations.category_index[inst["category_id"]])
+        seg = inst.get("segmentation")
+        box = inst.get("bbox")
+        if seg is not None:
+            rle = segmentation_to_rle(seg, height, width)
+            mask = mask_utils.decode(rle).astype(bool)
+            canvas[mask] = 0.5 * canvas[mask] + 0.5 * colour
+            if box is None:
+                box = [float(v) for v in mask_utils.toBbox(rle)]
+        boxes.append((box, colour, inst))
+    ax.imshow(np.clip(canvas, 0, 1), interpolation="nearest")
+    categories = {c["id"]: c for c in annotations.categories}
+    for box, colour, inst in boxes:
+        name = categories[inst["category_id"]]["name"]
+        label = f"{name} {inst['score']:.2f}" if show_scores else name
+        if box is not None:
+            x, y, w, h = box
+            ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor=colour, lw=1.2))
+            tx, ty = x - 0.5, y - 0.5
+        else:
+            tx, ty = 0, 0
+        ax.text(tx, ty, label, fontsize=5, color="white", va="bottom", ha="left", clip_on=True,
+                bbox={"facecolor": colour, "alpha": 0.8, "pad": 0.6, "lw": 0})
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def predictions_figure(detections: list[dict], annotations: Annotations, images_dir: str | Path,
+                       image_ids: Sequence[int], score: float = 0.5, show_ground_truth: bool = False,
+                       label: str = "predictions", dpi: int = DPI) -> Figure:
+    """Detections with score >= `score` drawn over each image (mask tint, box, 'name score'); with
+    `show_ground_truth` a second row shows the annotations."""
+    if not 0 <= score <= 1:
+        raise InputError(f"--score must be in [0, 1], got {score}")
+    if not image_ids:
+        raise InputError(f"{annotations.path} has no images")
+    by_image: dict[int, list[dict]] = {i: [] for i in image_ids}
+    for det in detections:
+        if det["image_id"] in by_image and det["score"] >= score:
+            by_image[det["image_id"]].append(det)
+    rows = 2 if show_ground_truth else 1
+    n = len(image_ids)
+    panel = 3.0
+    fig = _new_figure(panel * n, panel * rows + 0.3, dpi)
+    axes = np.array(fig.subplots(rows, n, squeeze=False))
+    for j, image_id in enumerate(image_ids):
+        path = annotations.image_file(image_id, images_dir)
+        image = load_image(path, record=f"image {image_id}").permute(1, 2, 0).numpy()
+        info = annotations.images[image_id]
+        if image.shape[:2] != (info["height"], info["width"]):
+            raise InputError(f"image is {image.shape[1]}x{image.shape[0]}, the annotations say "
+                             f"{info['width']}x{info['height']}", path=path, record=f"image {image_id}")
+        dets = sorted(by_image[image_id], key=lambda d: d["score"])  # best drawn last, on top
+        _draw_instances(axes[0, j], image, dets, annotations, show_scores=True)
+        axes[0, j].set_title(f"{label}: image {image_id} ({len(dets)} >= {score:g})", fontsize=7)
+        if show_ground_truth:
+            gt = [{**a, "score": 1.0} for a in annotations.anns_by_image.get(image_id, [])]
+            _draw_instances(axes[1, j], image, gt, annotations, show_scores=False)
+            axes[1, j].set_title(f"ground truth ({len(gt)})", fontsize=7)
+    return fig

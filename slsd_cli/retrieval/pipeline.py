@@ -1,0 +1,439 @@
+"""`slsd retrieve` end to end: embed, index, search, select, write (paper §4.1).
+
+1. Query embeddings: every (non-crowd) instance of the chosen frequency groups in the labeled
+   annotations, as a context crop (`images.crop_window`). Pool embeddings: one per image. Both
+   chunked, sharded over torchrun ranks and cached/resumable (`cache.embed_items`).
+2. Before indexing (rank 0): unreadable pool images are an error naming the file, or with
+   `skip_bad_images` counted and left out; pool images whose file content (blake2b-128) equals a
+   labeled image's, or whose file name equals a labeled image's file name, are excluded; of exact
+   duplicates within the pool (same content hash) only the first is indexed. So every query gets
+   k neighbours that are new, distinct files.
+3. Search (`index.py`), each query's k nearest neighbours among the remaining images: exact and
+   streamed (every rank scans its own cache chunks, rank 0 merges the partial top-k), or IVF-PQ
+   with re-ranking, built, tuned and searched on rank 0.
+4. Selection: the union of all neighbour lists; near duplicates among them (cosine >= threshold)
+   are collapsed greedily in pool order (an image is kept unless an earlier kept image is that
+   similar to it).
+5. Outputs (rank 0, atomic): `unlabeled.json` (LVIS format: images with id, file_name, width,
+   height; the labeled set's categories; no annotations), `retrieval.jsonl` (one line per query:
+   its neighbours, their scores, and which kept image a collapsed one duplicates) and
+   `retrieval_summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slsd_cli import distributed
+from slsd_cli.data.lvis import image_file_name, load_annotations
+from slsd_cli.errors import InputError
+from slsd_cli.io import atomic_path, atomic_write_json, check_output
+from slsd_cli.retrieval import index as faiss_index
+from slsd_cli.retrieval.cache import embed_items, first_error, sync_errors
+from slsd_cli.retrieval.embedders import DEFAULT_EMBEDDER, build_embedder
+from slsd_cli.retrieval.images import Item, PoolListing, file_content_hash, list_pool
+
+GROUP_NAMES = {"rare": "r", "common": "c", "frequent": "f", "r": "r", "c": "c", "f": "f"}
+GROUP_LABELS = {"r": "rare", "c": "common", "f": "frequent"}
+SUMMARY_NAME = "retrieval_summary.json"
+JSONL_NAME = "retrieval.jsonl"
+MAX_LISTED_BAD = 100
+SKIP_HINT = " (pass --skip-bad-images to skip unreadable pool images)"
+
+
+@dataclass
+class RetrieveConfig:
+    annotations: Path
+    images: Path
+    pool: Path
+    out: Path
+    pool_images: Path | None = None
+    queries: str = "rare"
+    k: int = 64
+    embedder: str = DEFAULT_EMBEDDER
+    weights: Path | None = None
+    random_init: bool = False
+    image_size: int | None = None
+    crop_margin: float = 0.25
+    index: str = "auto"
+    nlist: int | None = None
+    pq_m: int | None = None
+    ivf_refine: str = "sq8"
+    target_recall: float = 0.95
+    tune_queries: int = 256
+    dedup_threshold: float = 0.97
+    cache_dir: Path | None = None
+    chunk_size: int = 4096
+    skip_bad_images: bool = False
+    batch_size: int = 64
+    workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    force: bool = False
+
+
+def parse_groups(spec: str) -> list[str]:
+    """'rare', 'rare,common', 'all', 'r,c' -> ['r', 'c', ...] in r, c, f order."""
+    if spec.strip() == "all":
+        return ["r", "c", "f"]
+    groups = set()
+    for part in spec.split(","):
+        part = part.strip().lower()
+        if part not in GROUP_NAMES:
+            raise InputError(f"--queries must be rare, common, frequent, all or a comma list of them; got {spec!r}")
+        groups.add(GROUP_NAMES[part])
+    return [g for g in ("r", "c", "f") if g in groups]
+
+
+def output_paths(out: Path) -> tuple[Path, Path, Path]:
+    out = Path(out)
+    return out, out.with_name(JSONL_NAME), out.with_name(SUMMARY_NAME)
+
+
+def validate_config(cfg: RetrieveConfig) -> list[str]:
+    if cfg.k < 1:
+        raise InputError(f"--k must be >= 1, got {cfg.k}")
+    if not 0.0 < cfg.dedup_threshold <= 1.0:
+        raise InputError(f"--dedup-threshold must be in (0, 1], got {cfg.dedup_threshold}")
+    if not 0.0 < cfg.target_recall <= 1.0:
+        raise InputError(f"--target-recall must be in (0, 1], got {cfg.target_recall}")
+    if cfg.batch_size < 1 or cfg.chunk_size < 1 or cfg.workers < 0 or cfg.tune_queries < 1:
+        raise InputError("--batch-size, --chunk-size and --tune-queries must be >= 1, --workers >= 0")
+    if cfg.crop_margin < 0:
+        raise InputError(f"--crop-margin must be >= 0, got {cfg.crop_margin}")
+    if Path(cfg.out).suffix != ".json":
+        raise InputError("the output must be a .json file (unlabeled.json)", path=cfg.out)
+    faiss_index.choose_spec(10**6, 64, cfg.index, refine=cfg.ivf_refine)  # validates the names only
+    return parse_groups(cfg.queries)
+
+
+def select_queries(annotations, groups: list[str]) -> list[dict]:
+    frequency = {c["id"]: c["frequency"] for c in annotations.categories}
+    queries = [a for a in annotations.annotations
+               if frequency[a["category_id"]] in groups and not a.get("iscrowd", 0)]
+    if not queries:
+        names = "/".join(GROUP_LABELS[g] for g in groups)
+        raise InputError(f"empty query set: no (non-crowd) instances of {names} classes", path=annotations.path)
+    return queries
+
+
+def _hash_keys(hashes: np.ndarray) -> np.ndarray:
+    """First 8 bytes of each 16-byte content hash as one uint64 (matches are verified on all 16)."""
+    return np.ascontiguousarray(hashes[:, :8]).view(np.uint64).ravel()
+
+
+def exclusion_plan(pool: PoolListing, ok: np.ndarray, hashes: np.ndarray, labeled_hashes: np.ndarray,
+                   labeled_names: set[str]) -> dict[str, np.ndarray]:
+    """Per pool image: bad, labeled (by content / by name), exact duplicate of an earlier pool image
+    (`duplicate_of`, -1 if none), and `keep` = what gets indexed."""
+    n = len(pool)
+    keys = _hash_keys(hashes)
+    labeled_keys = _hash_keys(labeled_hashes) if len(labeled_hashes) else np.zeros(0, np.uint64)
+    by_hash = np.zeros(n, dtype=bool)
+    candidates = np.flatnonzero(ok & np.isin(keys, labeled_keys))
+    if len(candidates):
+        full = {bytes(h) for h in labeled_hashes}
+        for i in candidates:
+            by_hash[i] = bytes(hashes[i]) in full
+    names = np.fromiter((os.path.basename(pool.file_name(i)) in labeled_names for i in range(n)), dtype=bool, count=n)
+    by_name = ok & ~by_hash & names
+    duplicate_of = np.full(n, -1, dtype=np.int64)
+    live = np.flatnonzero(ok & ~by_hash & ~by_name)
+    if len(live):
+        _, first, inverse = np.unique(keys[live], return_index=True, return_inverse=True)
+        representative = live[first][inverse.ravel()]
+        if not np.all(hashes[live] == hashes[representative]):
+            # two different files share a 64-bit prefix (~1e-4 odds at 1e8 images): use full hashes
+            first_of: dict[bytes, int] = {}
+            representative = np.array([first_of.setdefault(bytes(hashes[i]), int(i)) for i in live], dtype=np.int64)
+        dup = representative != live
+        duplicate_of[live[dup]] = representative[dup]
+    keep = ok & ~by_hash & ~by_name & (duplicate_of < 0)
+    return {"bad": ~ok, "labeled_by_hash": by_hash, "labeled_by_name": by_name, "duplicate_of": duplicate_of,
+            "keep": keep}
+
+
+def collapse_near_duplicates(vectors: np.ndarray, threshold: float, block: int = 4096) -> np.ndarray:
+    """Greedy in row order: row i is kept unless an earlier kept row has cosine >= threshold with it.
+    -> duplicate_of [n] (-1 for kept rows, else the kept row it duplicates)."""
+    import faiss
+
+    n = len(vectors)
+    duplicate_of = np.full(n, -1, dtype=np.int64)
+    if n < 2:
+        return duplicate_of
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    removed = np.zeros(n, dtype=bool)
+    for s in range(0, n, block):
+        lims, _, found = flat.range_search(vectors[s:s + block], float(threshold))
+        for r in range(min(block, n - s)):
+            i = s + r
+            if removed[i]:
+                continue
+            neighbours = found[lims[r]:lims[r + 1]]
+            later = neighbours[(neighbours > i)]
+            later = later[~removed[later]]
+            removed[later] = True
+            duplicate_of[later] = i
+    return duplicate_of
+
+
+def hash_labeled_images(annotations, images_dir: Path, workers: int = 8, progress=None) -> tuple[np.ndarray, set[str]]:
+    """Content hashes and file names of every labeled image (a missing file is an InputError)."""
+    records = [annotations.images[i] for i in annotations.image_ids]
+    paths = [Path(images_dir) / image_file_name(r) for r in records]
+    for rec, path in zip(records, paths):
+        if not path.is_file():
+            raise InputError("labeled image file not found", path=path, record=f"image id {rec['id']}")
+    task = progress.add_task("hash labeled", total=len(paths), status="") if progress is not None else None
+    out = np.zeros((len(paths), 16), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, digest in enumerate(pool.map(file_content_hash, paths, chunksize=64)):
+            out[i] = np.frombuffer(digest, dtype=np.uint8)
+            if progress is not None:
+                progress.advance(task)
+    return out, {Path(image_file_name(r)).name for r in records}
+
+
+def run_retrieve(cfg: RetrieveConfig, progress=None) -> dict[str, Any] | None:
+    """Run the whole step; returns the summary on rank 0 (None on other ranks)."""
+    started = time.perf_counter()
+    groups = validate_config(cfg)
+    out_path, jsonl_path, summary_path = output_paths(cfg.out)
+    for path in (out_path, jsonl_path, summary_path):
+        check_output(path, cfg.force)
+    info = distributed.init(cfg.device)
+    timings: dict[str, float] = {}
+
+    annotations = load_annotations(cfg.annotations)
+    queries = select_queries(annotations, groups)
+    images_dir = Path(cfg.images)
+    if not images_dir.is_dir():
+        raise InputError("images folder not found", path=images_dir)
+    first_folder_id = max(annotations.images, default=0) + 1
+    pool_is_dir = Path(cfg.pool).is_dir()
+    pool = list_pool(cfg.pool, cfg.pool_images if cfg.pool_images is not None or pool_is_dir else images_dir,
+                     first_folder_id=first_folder_id)
+    pool_root = pool.root
+    embedder = build_embedder(cfg.embedder, weights=cfg.weights, random_init=cfg.random_init,
+                              image_size=cfg.image_size, device=info.device, seed=cfg.seed)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else out_path.parent / "retrieval_cache"
+    frequency = {c["id"]: c["frequency"] for c in annotations.categories}
+
+    pool_items = pool  # a PoolListing yields each image's Item lazily
+    query_items = [Item(str(annotations.image_file(a["image_id"], images_dir)), tuple(float(v) for v in a["bbox"]),
+                        (annotations.images[a["image_id"]]["width"], annotations.images[a["image_id"]]["height"]),
+                        record=f"annotation id {a['id']}") for a in queries]
+    common = dict(batch_size=cfg.batch_size, workers=cfg.workers, chunk_size=cfg.chunk_size, progress=progress)
+
+    t = time.perf_counter()
+    error = None
+    try:
+        pool_store = embed_items(pool_items, embedder, cache_dir, "pool", hash_files=True,
+                                 fail_fast=not cfg.skip_bad_images, error_hint=SKIP_HINT, **common)
+    except InputError as exc:
+        error = exc
+    sync_errors(error)
+    timings["embed_pool_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    error = None
+    try:
+        query_store = embed_items(query_items, embedder, cache_dir, "queries", margin=cfg.crop_margin,
+                                  fail_fast=True, **common)
+    except InputError as exc:
+        error = exc
+    sync_errors(error)
+    timings["embed_queries_s"] = time.perf_counter() - t
+
+    # ---- what gets searched (rank 0 decides; the other ranks read the decision from the cache)
+    work = pool_store.directory / "search" / query_store.directory.name
+    keep_file = work / "keep.npy"
+    own_partial = work / f"topk.rank{info.rank}.npz"
+    own_partial.unlink(missing_ok=True)
+    error, plan, errors, sizes = None, None, {}, None
+    t = time.perf_counter()
+    if info.is_main:
+        try:
+            ok, hashes, sizes, errors = pool_store.metadata()
+            if errors and not cfg.skip_bad_images:
+                raise first_error(pool_store, pool_items)  # left in the cache by a --skip-bad-images run
+            labeled_hashes, labeled_names = hash_labeled_images(annotations, images_dir, progress=progress)
+            plan = exclusion_plan(pool, ok, hashes, labeled_hashes, labeled_names)
+            if not plan["keep"].any():
+                raise InputError("no pool image is left to search (all unreadable, labeled or duplicates)",
+                                 path=cfg.pool)
+            if info.world_size > 1:
+                with atomic_path(keep_file) as tmp, open(tmp, "wb") as handle:
+                    np.save(handle, plan["keep"])
+        except InputError as exc:
+            error = exc
+    sync_errors(error)
+    keep = plan["keep"] if info.is_main else np.load(keep_file)
+    timings["exclusion_s"] = time.perf_counter() - t
+    rows_to_pool = np.flatnonzero(keep)
+    # queries are embedded fail-fast, so every cached query chunk is complete and readable
+    query_vectors = faiss_index.normalize(query_store.gather(np.arange(len(query_items))))
+    spec = faiss_index.choose_spec(len(rows_to_pool), embedder.dim, cfg.index, nlist=cfg.nlist, m=cfg.pq_m,
+                                   refine=cfg.ivf_refine, seed=cfg.seed, num_queries=len(query_vectors))
+
+    t = time.perf_counter()
+    tuning, tune_ids, on_gpu, index = None, None, False, None
+    if spec.kind == "flat":
+        # exact, streamed: every rank scans its own chunks; rank 0 merges the partial top-k
+        error = None
+        try:
+            exact = faiss_index.ExactTopK(query_vectors, cfg.k, device=info.device)
+            on_gpu = exact.device is not None
+            mine = distributed.shard_indices(pool_store.num_chunks)
+            task = progress.add_task("search (exact)", total=len(mine), status="") if progress is not None else None
+            for c in mine:
+                chunk = pool_store.read(c)
+                local = np.flatnonzero(keep[chunk.start:chunk.end])
+                if len(local):
+                    exact.add(faiss_index.normalize(chunk.embeddings[local]), chunk.start + local)
+                if progress is not None:
+                    progress.advance(task)
+            if not info.is_main:
+                part_scores, part_ids = exact.result()
+                with atomic_path(own_partial) as tmp, open(tmp, "wb") as handle:
+                    np.savez(handle, scores=part_scores, ids=part_ids)
+        except InputError as exc:
+            error = exc
+        sync_errors(error)
+        if not info.is_main:
+            return None
+        for r in range(1, info.world_size):
+            with np.load(work / f"topk.rank{r}.npz") as part:
+                exact.add_results(part["scores"], part["ids"])
+            (work / f"topk.rank{r}.npz").unlink()
+        keep_file.unlink(missing_ok=True)
+        scores, neighbours = exact.result()
+        timings["search_s"] = time.perf_counter() - t
+    else:
+        if not info.is_main:
+            return None
+        keep_file.unlink(missing_ok=True)
+        rng = np.random.default_rng(cfg.seed)
+        sample = np.sort(rng.choice(len(rows_to_pool), size=spec.train_size, replace=False))
+        train = faiss_index.normalize(pool_store.gather(rows_to_pool[sample]))
+        tune_ids = np.sort(rng.choice(len(query_vectors), size=min(cfg.tune_queries, len(query_vectors)),
+                                      replace=False))
+        exact = faiss_index.ExactTopK(query_vectors[tune_ids], cfg.k, device=info.device)
+        add_task = None if progress is None else progress.add_task("index", total=len(rows_to_pool),
+                                                                   status=spec.kind)
+
+        def blocks():
+            row = 0
+            for chunk in pool_store.chunks():
+                local = np.flatnonzero(keep[chunk.start:chunk.end])
+                if len(local):
+                    yield row, faiss_index.normalize(chunk.embeddings[local])
+                    row += len(local)
+
+        index = faiss_index.build(spec, blocks(), train_vectors=train, exact=exact,
+                                  on_block=(lambda n: progress.advance(add_task, n)) if progress is not None else None)
+        timings["build_index_s"] = time.perf_counter() - t
+        on_gpu = index.to_gpu()
+        t = time.perf_counter()
+        _, truth = exact.result()
+        tuning = faiss_index.tune_search(index, query_vectors[tune_ids], truth, cfg.k, cfg.target_recall)
+        timings["tune_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        search_task = progress.add_task("search", total=len(query_vectors), status="") if progress is not None else None
+        scores, rows = index.search(query_vectors, cfg.k, progress=progress, task=search_task)
+        timings["search_s"] = time.perf_counter() - t
+        neighbours = np.where(rows >= 0, rows_to_pool[np.clip(rows, 0, None)], -1)
+
+    # ---- selection
+    t = time.perf_counter()
+    selected = np.unique(neighbours[neighbours >= 0])
+    near = collapse_near_duplicates(faiss_index.normalize(pool_store.gather(selected)), cfg.dedup_threshold)
+    near_dup_of = {int(selected[i]): int(selected[j]) for i, j in enumerate(near) if j >= 0}
+    final = selected[near < 0]
+    timings["dedup_s"] = time.perf_counter() - t
+
+    def representative(p: int) -> int:
+        return near_dup_of.get(p, p)
+
+    # ---- outputs
+    images_out = []
+    for p in final:
+        width, height = pool.size(int(p)) or (int(sizes[p, 0]), int(sizes[p, 1]))
+        images_out.append({"id": pool.image_id(int(p)), "file_name": pool.file_name(int(p)), "width": width,
+                           "height": height})
+    info_doc = {"description": "slsd retrieve: unlabeled images retrieved for "
+                               + "/".join(GROUP_LABELS[g] for g in groups) + " queries",
+                "images_dir": str(pool_root), "annotations": str(cfg.annotations), "pool": str(cfg.pool),
+                "embedder": embedder.name, "k": cfg.k, "queries": [GROUP_LABELS[g] for g in groups]}
+    unlabeled = {"info": info_doc, "images": images_out, "annotations": [],
+                 "categories": annotations.data["categories"]}
+
+    per_group_images: dict[str, set[int]] = {g: set() for g in groups}
+    per_group_queries = {g: 0 for g in groups}
+    with atomic_path(jsonl_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for qi, ann in enumerate(queries):
+            group = frequency[ann["category_id"]]
+            per_group_queries[group] += 1
+            items = []
+            for score, p in zip(scores[qi], neighbours[qi]):
+                if p < 0:
+                    continue
+                p = int(p)
+                entry = {"image_id": pool.image_id(p), "file_name": pool.file_name(p), "score": round(float(score), 6)}
+                if p in near_dup_of:
+                    entry["duplicate_of"] = pool.image_id(near_dup_of[p])
+                items.append(entry)
+                per_group_images[group].add(representative(p))
+            handle.write(json.dumps({"annotation_id": ann["id"], "image_id": ann["image_id"],
+                                     "category_id": ann["category_id"], "frequency": group,
+                                     "neighbours": items}) + "\n")
+    atomic_write_json(out_path, unlabeled)
+
+    bad_idx = np.flatnonzero(plan["bad"])
+    summary = {
+        "queries": {GROUP_LABELS[g]: per_group_queries[g] for g in groups},
+        "query_classes": {GROUP_LABELS[g]: len({a["category_id"] for a in queries if frequency[a["category_id"]] == g})
+                          for g in groups},
+        "images_per_group": {GROUP_LABELS[g]: len(per_group_images[g]) for g in groups},
+        "k": cfg.k,
+        "pool_images": len(pool),
+        "bad_images_skipped": int(len(bad_idx)),
+        "bad_images": [{"file_name": pool.file_name(int(i)), "error": errors.get(int(i), "")}
+                       for i in bad_idx[:MAX_LISTED_BAD]],
+        "labeled_excluded": int(plan["labeled_by_hash"].sum() + plan["labeled_by_name"].sum()),
+        "labeled_excluded_by_content": int(plan["labeled_by_hash"].sum()),
+        "labeled_excluded_by_name": int(plan["labeled_by_name"].sum()),
+        "exact_duplicates_removed": int((plan["duplicate_of"] >= 0).sum()),
+        "indexed": int(len(rows_to_pool)),
+        "selected": int(len(selected)),
+        "near_duplicates_removed": int(len(near_dup_of)),
+        "dedup_threshold": cfg.dedup_threshold,
+        "retrieved_images": int(len(final)),
+        "embedder": embedder.describe(),
+        "index": {**spec.describe(), "gpu": on_gpu,
+                  "bytes_per_vector": index.code_bytes_per_vector() if index is not None else 0,
+                  "streamed_exact": index is None,
+                  "nprobe": index.nprobe if index is not None else None,
+                  "k_factor": index.k_factor if index is not None else None,
+                  "tuning": None if tuning is None else {"recall": tuning.recall, "target": tuning.target,
+                                                          "reached": tuning.reached,
+                                                          "queries": int(len(tune_ids))}},
+        "world_size": info.world_size,
+        "cache": {"pool": str(pool_store.directory), "queries": str(query_store.directory)},
+        "outputs": {"unlabeled": str(out_path), "retrieval": str(jsonl_path), "summary": str(summary_path)},
+        "timings_s": {k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - started}.items()},
+    }
+    atomic_write_json(summary_path, summary, indent=1)
+    return summary
+
+
+__all__ = ["RetrieveConfig", "run_retrieve", "parse_groups", "exclusion_plan", "collapse_near_duplicates"]

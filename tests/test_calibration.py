@@ -1,0 +1,467 @@
+"""CCECE / ECE (Eq. 4) against a plain-loop reference, LVIS judging, the fast results reader,
+Eq. 5 corrections, and `slsd calibrate` bad-input handling."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from slsd_cli.cli import main
+from slsd_cli.data.lvis import load_annotations
+from slsd_cli.errors import InputError
+from slsd_cli.labels import calibration
+from slsd_cli.labels.calibration import (_parse_box_results, compute_calibration, correct_targets,
+                                         detections_from_results, load_delta, load_detections)
+
+W, H = 64, 48
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+def make_dataset(seed: int, protocol: str = "lvis", images: int = 6, classes: int = 5, with_masks: bool = False):
+    """Random ground truth and detections (jittered copies of the ground truth with duplicates and
+    class confusions, plus random boxes)."""
+    rng = np.random.default_rng(seed)
+    cats = [{"id": 10 + 3 * c, "name": f"c{c}"} for c in range(classes)]
+    if protocol == "lvis":
+        for c, cat in enumerate(cats):
+            cat["frequency"] = "rcf"[c % 3]
+    imgs, anns, dets = [], [], []
+    for i in range(images):
+        image = {"id": 100 + i, "width": W, "height": H, "file_name": f"{i}.png"}
+        present = rng.choice(classes, size=rng.integers(1, 3), replace=False)
+        if protocol == "lvis":
+            others = [c for c in range(classes) if c not in present]
+            neg = rng.choice(others, size=min(len(others), 2), replace=False) if others else []
+            image["neg_category_ids"] = [cats[c]["id"] for c in neg]
+            image["not_exhaustive_category_ids"] = [cats[c]["id"] for c in present if rng.random() < 0.3]
+        imgs.append(image)
+        for c in present:
+            for _ in range(rng.integers(1, 4)):
+                w, h = rng.uniform(6, 30), rng.uniform(6, 24)
+                x, y = rng.uniform(0, W - w), rng.uniform(0, H - h)
+                box = [round(x, 2), round(y, 2), round(w, 2), round(h, 2)]
+                ann = {"id": len(anns) + 1, "image_id": image["id"], "category_id": cats[c]["id"], "bbox": box,
+                       "area": box[2] * box[3],
+                       "segmentation": [[box[0], box[1], box[0] + box[2], box[1], box[0] + box[2], box[1] + box[3],
+                                         box[0], box[1] + box[3]]]}
+                if protocol == "coco":
+                    ann["iscrowd"] = int(rng.random() < 0.15)
+                anns.append(ann)
+                for _ in range(rng.integers(1, 4)):  # duplicates compete for the same gt
+                    jit = rng.normal(0, 0.15, 4) * [w, h, w, h]
+                    cls = c if rng.random() < 0.8 else rng.integers(classes)
+                    dets.append({"image_id": image["id"], "category_id": cats[cls]["id"],
+                                 "bbox": [max(0.0, box[0] + jit[0]), max(0.0, box[1] + jit[1]),
+                                          max(1.0, box[2] + jit[2]), max(1.0, box[3] + jit[3])],
+                                 "score": float(rng.uniform(0, 1))})
+        for _ in range(rng.integers(2, 8)):
+            w, h = rng.uniform(4, 30), rng.uniform(4, 30)
+            dets.append({"image_id": image["id"], "category_id": cats[rng.integers(classes)]["id"],
+                         "bbox": [rng.uniform(0, W - w), rng.uniform(0, H - h), w, h],
+                         "score": float(rng.choice([rng.uniform(0, 1), 0.5, 1.0, 0.0]))})
+    if with_masks:
+        for det in dets:
+            x, y, w, h = det["bbox"]
+            mask = np.zeros((H, W), dtype=np.uint8)
+            x0, y0 = int(x), int(y)
+            mask[y0:int(math.ceil(y + h)), x0:int(math.ceil(x + w))] = 1
+            mask[y0:y0 + max(1, int(h) // 3), x0:x0 + max(1, int(w) // 3)] = 0  # not a box
+            rle = mask_utils.encode(np.asfortranarray(mask))
+            det["segmentation"] = {"size": [H, W], "counts": rle["counts"].decode("ascii")}
+    return {"images": imgs, "annotations": anns, "categories": cats}, dets
+
+
+def annotations_of(data, tmp_path, name="ann.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return load_annotations(path)
+
+
+def reference(data, dets, bins=10, iou=0.5, protocol="lvis", iou_type="bbox"):
+    """Eq. 4 by plain loops over images, classes and detections (independent of the library)."""
+    images = {img["id"]: img for img in data["images"]}
+    thr = min(iou, 1 - 1e-10)
+
+    def geometry(obj, is_gt):
+        if iou_type == "bbox":
+            return obj["bbox"]
+        seg = obj["segmentation"]
+        img = images[obj["image_id"]]
+        if isinstance(seg, list):
+            return mask_utils.merge(mask_utils.frPyObjects(seg, img["height"], img["width"]))
+        return seg
+
+    def overlap(d, g, crowd):
+        return float(mask_utils.iou([geometry(d, False)], [geometry(g, True)], [int(crowd)])[0][0])
+
+    outcome = []  # (category_id, score, correct)
+    keys = {(d["image_id"], d["category_id"]) for d in dets}
+    for image_id, cid in sorted(keys):
+        img = images[image_id]
+        group = sorted([d for d in dets if (d["image_id"], d["category_id"]) == (image_id, cid)],
+                       key=lambda d: -d["score"])  # stable: ties keep input order
+        gts = [a for a in data["annotations"] if a["image_id"] == image_id and a["category_id"] == cid]
+        normal = [a for a in gts if not a.get("iscrowd", 0)]
+        crowd = [a for a in gts if a.get("iscrowd", 0)] if protocol == "coco" else []
+        if protocol == "lvis":
+            verified = bool(gts) or cid in img.get("neg_category_ids", [])
+            if not verified:
+                continue
+        taken = set()
+        for d in group:
+            best, best_iou = -1, thr
+            for gi, g in enumerate(normal):
+                if gi in taken:
+                    continue
+                v = overlap(d, g, False)
+                if v < best_iou:
+                    continue
+                best, best_iou = gi, v
+            if best >= 0:
+                taken.add(best)
+                outcome.append((cid, d["score"], 1))
+                continue
+            if protocol == "lvis" and cid in img.get("not_exhaustive_category_ids", []):
+                continue
+            if any(overlap(d, g, True) >= thr for g in crowd):
+                continue
+            outcome.append((cid, d["score"], 0))
+
+    def binned(rows):
+        cells = [[0, 0.0, 0.0] for _ in range(bins)]
+        for _, score, ok in rows:
+            b = min(int(math.floor(score * bins)), bins - 1)
+            cells[b][0] += 1
+            cells[b][1] += ok
+            cells[b][2] += score
+        return cells
+
+    per_class = {}
+    for cat in data["categories"]:
+        rows = [r for r in outcome if r[0] == cat["id"]]
+        cells = binned(rows)
+        n = len(rows)
+        delta = sum(c[0] / n * (c[1] / c[0] - c[2] / c[0]) for c in cells if c[0]) if n else 0.0
+        per_class[str(cat["id"])] = {"delta": delta, "count": n, "cells": cells}
+    cells = binned(outcome)
+    ece = sum(c[0] / len(outcome) * abs(c[1] / c[0] - c[2] / c[0]) for c in cells if c[0]) if outcome else 0.0
+    return per_class, ece, len(outcome)
+
+
+def assert_matches_reference(result, ref):
+    per_class, ece, judged = ref
+    assert result["judged"] == judged
+    assert result["ece"] == pytest.approx(ece, abs=1e-12)
+    for cid, expected in per_class.items():
+        got = result["per_class"][cid]
+        assert got["count"] == expected["count"], cid
+        assert got["delta"] == pytest.approx(expected["delta"], abs=1e-12), cid
+        for b, (count, correct, conf) in enumerate(expected["cells"]):
+            cell = got["bins"][b]
+            assert cell["count"] == count
+            if count:
+                assert cell["accuracy"] == pytest.approx(correct / count, abs=1e-12)
+                assert cell["confidence"] == pytest.approx(conf / count, abs=1e-12)
+
+
+# ------------------------------------------------------------------ CCECE against the reference
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("protocol", ["lvis", "coco"])
+def test_ccece_matches_plain_loop_reference(tmp_path, seed, protocol):
+    data, dets = make_dataset(seed, protocol)
+    ann = annotations_of(data, tmp_path)
+    assert ann.protocol == protocol
+    bins, iou = (10, 0.5) if seed % 2 == 0 else (7, 0.35)
+    result = compute_calibration(dets, ann, bins=bins, iou=iou)
+    assert_matches_reference(result, reference(data, dets, bins, iou, protocol))
+    assert result["detections"] == len(dets)
+    assert result["judged"] + result["unverified"] + result["ignored"] == len(dets)
+
+
+def test_ccece_segm_matches_reference(tmp_path):
+    data, dets = make_dataset(3, "lvis", with_masks=True)
+    ann = annotations_of(data, tmp_path)
+    result = compute_calibration(dets, ann, iou_type="segm")
+    assert_matches_reference(result, reference(data, dets, protocol="lvis", iou_type="segm"))
+    assert result["iou_type"] == "segm"
+    assert result != compute_calibration(dets, ann, iou_type="bbox")  # the masks are not their boxes
+    path = tmp_path / "dets.json"
+    path.write_text(json.dumps(dets))
+    from_file = calibration.calibrate_detections(load_detections(path, ann, iou_type="segm"), ann, iou_type="segm")
+    assert from_file == result
+
+
+def test_overconfident_class_has_negative_delta(tmp_path):
+    """Ten detections at confidence 0.9, six of them correct: Delta = 0.6 - 0.9 = -0.3."""
+    gts = [[2 + 6 * k, 2, 5, 5] for k in range(6)]
+    data = {"images": [{"id": 1, "width": 64, "height": 16, "file_name": "a.png", "neg_category_ids": [],
+                        "not_exhaustive_category_ids": []}],
+            "annotations": [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": b,
+                             "segmentation": [[b[0], b[1], b[0] + b[2], b[1], b[0] + b[2], b[1] + b[3]]]}
+                            for k, b in enumerate(gts)],
+            "categories": [{"id": 1, "name": "a", "frequency": "f"}, {"id": 2, "name": "b", "frequency": "r"}]}
+    ann = annotations_of(data, tmp_path)
+    dets = [{"image_id": 1, "category_id": 1, "bbox": list(b), "score": 0.9} for b in gts]
+    dets += [{"image_id": 1, "category_id": 1, "bbox": [40 + 5 * k, 8, 4, 4], "score": 0.9} for k in range(4)]
+    result = compute_calibration(dets, ann)
+    entry = result["per_class"]["1"]
+    assert entry["count"] == 10
+    assert entry["delta"] == pytest.approx(-0.3)
+    assert entry["bins"][9]["accuracy"] == pytest.approx(0.6) and entry["bins"][9]["confidence"] == pytest.approx(0.9)
+    assert result["ece"] == pytest.approx(0.3)
+    assert result["per_class"]["2"] == {"delta": 0.0, "count": 0, "bins": [
+        {"count": 0, "accuracy": 0.0, "confidence": 0.0}] * 10}
+    assert result["groups"]["f"]["mean_delta"] == pytest.approx(-0.3)
+    assert result["groups"]["r"]["classes_with_detections"] == 0
+    assert result["reliability"][9] == {"lower": 0.9, "upper": 1.0, "count": 10, "accuracy": pytest.approx(0.6),
+                                        "confidence": pytest.approx(0.9)}
+    # the duplicate of a matched gt is a false positive: greedy by score, each gt matched once
+    dup = dets + [{"image_id": 1, "category_id": 1, "bbox": list(gts[0]), "score": 0.1}]
+    again = compute_calibration(dup, ann)["per_class"]["1"]
+    assert again["count"] == 11 and again["bins"][1] == {"count": 1, "accuracy": 0.0, "confidence": 0.1}
+
+
+def test_lvis_ignores_detections_of_unverified_classes(tmp_path):
+    data, dets = make_dataset(11, "lvis")
+    ann = annotations_of(data, tmp_path)
+    base = compute_calibration(dets, ann)
+    verified = {(img["id"], cid) for img in data["images"] for cid in img["neg_category_ids"]}
+    verified |= {(a["image_id"], a["category_id"]) for a in data["annotations"]}
+    unverified = [(img["id"], cat["id"]) for img in data["images"] for cat in data["categories"]
+                  if (img["id"], cat["id"]) not in verified]
+    assert unverified
+    extra = [{"image_id": i, "category_id": c, "bbox": [1, 1, 10, 10], "score": 0.99} for i, c in unverified]
+    more = compute_calibration(dets + extra, ann)
+    assert more["per_class"] == base["per_class"]
+    assert more["ece"] == base["ece"]
+    assert more["unverified"] == base["unverified"] + len(extra)
+    # the same detections on a verified negative are judged (false positives)
+    image = data["images"][0]
+    if image["neg_category_ids"]:
+        neg = [{"image_id": image["id"], "category_id": image["neg_category_ids"][0], "bbox": [1, 1, 10, 10],
+                "score": 0.99}]
+        judged = compute_calibration(dets + neg, ann)
+        assert judged["judged"] == base["judged"] + 1
+
+
+def test_empty_detections_give_all_zero_result(tmp_path):
+    data, _ = make_dataset(0, "lvis")
+    ann = annotations_of(data, tmp_path)
+    result = compute_calibration([], ann)
+    assert result["ece"] == 0 and result["judged"] == 0 and result["detections"] == 0
+    assert all(v["delta"] == 0 and v["count"] == 0 for v in result["per_class"].values())
+    assert len(result["per_class"]) == len(data["categories"])
+    json.dumps(result, allow_nan=False)
+
+
+# ------------------------------------------------------------------ reading results files
+
+
+def _dump_records(dets, order=("image_id", "category_id", "bbox", "score"), indent=None, extra=None):
+    records = [{k: d[k] for k in order} | (extra(d) if extra else {}) for d in dets]
+    return json.dumps(records, indent=indent)
+
+
+@pytest.mark.parametrize("variant", ["plain", "reordered", "indented", "with_segmentation", "segmentation_first"])
+def test_fast_reader_equals_json_path(tmp_path, variant):
+    data, dets = make_dataset(5, "lvis", with_masks=True)
+    ann = annotations_of(data, tmp_path)
+    if variant == "plain":
+        text = _dump_records(dets)
+    elif variant == "reordered":
+        text = _dump_records(dets, order=("score", "bbox", "category_id", "image_id"))
+    elif variant == "indented":
+        text = _dump_records(dets, indent=2)
+    elif variant == "with_segmentation":
+        text = json.dumps(dets)
+    else:
+        text = json.dumps([{"segmentation": d["segmentation"], **{k: v for k, v in d.items() if k != "segmentation"}}
+                           for d in dets])
+    path = tmp_path / "dets.json"
+    path.write_text(text)
+    assert _parse_box_results(text.encode()) is not None  # the vectorised reader took it
+    fast = load_detections(path, ann)
+    slow = detections_from_results(json.loads(text), ann)
+    for name in ("image_ids", "labels", "scores", "boxes"):
+        assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
+    assert calibration.calibrate_detections(fast, ann) == compute_calibration(json.loads(text), ann)
+
+
+@pytest.mark.parametrize("text", [
+    '[{"image_id": 100, "category_id": 10, "bbox": [1, 2, 3, 4], "score": 1e-05}]',     # exponent
+    '[{"image_id": 100, "category_id": 10, "bbox": [1, 2, 3, 4], "score": 0.5, "area": 12}]',  # extra key
+    '[{"image_id": 100, "category_id": 10, "bbox": [1, 2, 3, 4]}]',                      # missing key
+    '[{"image_id": 100, "category_id": 10, "bbox": [1, 2, 3], "score": 0.5}]',           # short box
+    '[{"image_id": 100, "category_id": 10, "bbox": [1, 2, 3, 4], "score": 0.5},'
+    ' {"category_id": 10, "image_id": 100, "bbox": [1, 2, 3, 4], "score": 0.5}]',        # key order varies
+    '[{"image_id": 100, "category_id": 10, "bbox": [1, 2, 3, 4], "score": 1.2.3}]',      # bad number
+    '{"image_id": 100}',
+])
+def test_fast_reader_declines_what_it_cannot_prove(text):
+    assert _parse_box_results(text.encode()) is None
+
+
+def test_fallback_reader_handles_exponents_and_extra_keys(tmp_path):
+    data, dets = make_dataset(2, "lvis")
+    ann = annotations_of(data, tmp_path)
+    records = [dict(d, area=1.0) for d in dets]
+    records[0]["score"] = 1e-05
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(records))
+    got = load_detections(path, ann)
+    assert got.scores[0] == 1e-05 and len(got) == len(dets)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("field,value,message", [
+    ("image_id", 999, "unknown image id 999"),
+    ("category_id", 11, "unknown category id 11"),
+    ("score", 1.5, "outside [0, 1]"),
+    ("score", float("nan"), "not a finite number"),
+    ("bbox", [1, 2, -3, 4], "malformed bbox"),
+])
+def test_bad_records_are_named(tmp_path, fast, field, value, message):
+    data, dets = make_dataset(1, "lvis")
+    ann = annotations_of(data, tmp_path)
+    dets[3][field] = value
+    if not fast:
+        for d in dets:
+            d["area"] = 1.0  # an extra key: the json path
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(dets))
+    with pytest.raises(InputError) as info:
+        load_detections(path, ann)
+    assert message in str(info.value) and "[3]" in str(info.value)
+
+
+def test_bbox_calibration_needs_boxes(tmp_path):
+    data, dets = make_dataset(1, "lvis", with_masks=True)
+    ann = annotations_of(data, tmp_path)
+    del dets[2]["bbox"]
+    with pytest.raises(InputError, match=r"needs 'bbox'"):
+        compute_calibration(dets, ann)
+
+
+# ------------------------------------------------------------------ Eq. 5
+
+
+def test_correct_targets():
+    probs = torch.tensor([[0.7, 0.2, 0.05], [0.1, 0.3, 0.6]])
+    delta = torch.tensor([-0.2, 0.1, 0.3])
+    assert torch.equal(correct_targets(probs, delta, 0.0), probs)
+    out = correct_targets(probs, delta, 2.0)
+    assert torch.allclose(out, torch.tensor([[0.3, 0.4, 0.65], [0.0, 0.5, 1.0]]))  # clipped to [0, 1]
+    pred = correct_targets(probs, delta, 1.0, scope="predicted")
+    assert torch.allclose(pred, torch.tensor([[0.5, 0.2, 0.05], [0.1, 0.3, 0.9]]))
+    changed = (pred != probs)
+    assert changed.sum(1).tolist() == [1, 1] and changed[0, 0] and changed[1, 2]
+    soft = torch.tensor([[0.5, 0.2, 0.1, 0.2], [0.1, 0.1, 0.1, 0.7]])  # softmax head, background last
+    renorm = correct_targets(soft, delta, 1.0, softmax=True)
+    assert torch.allclose(renorm.sum(1), torch.ones(2))
+    raw = torch.tensor([[0.3, 0.3, 0.4, 0.2], [0.0, 0.2, 0.4, 0.7]])
+    assert torch.allclose(renorm, raw / raw.sum(1, keepdim=True))
+    assert torch.equal(probs, torch.tensor([[0.7, 0.2, 0.05], [0.1, 0.3, 0.6]]))  # input untouched
+    with pytest.raises(InputError):
+        correct_targets(probs, delta, 1.0, scope="top")  # type: ignore[arg-type]
+
+
+def test_load_delta(tmp_path):
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"per_class": {"10": {"delta": -0.25}, "16": {"delta": 0.5}}}))
+    assert load_delta(path, [16, 10, 13]).tolist() == [0.5, -0.25, 0.0]
+    with pytest.raises(InputError, match="not one of"):
+        load_delta(path, [10, 13])
+    path.write_text(json.dumps({"per_class": {"10": {"delta": float("inf")}}}).replace("Infinity", "2"))
+    with pytest.raises(InputError, match="in \\[-1, 1\\]"):
+        load_delta(path, [10])
+    path.write_text("[]")
+    with pytest.raises(InputError, match="not a calibration file"):
+        load_delta(path, [10])
+
+
+# ------------------------------------------------------------------ the command
+
+
+def _run(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+def test_cli_writes_calibration_and_refuses_bad_input(tmp_path, capsys):
+    data, dets = make_dataset(4, "lvis")
+    ann_path = tmp_path / "ann.json"
+    ann_path.write_text(json.dumps(data))
+    det_path = tmp_path / "dets.json"
+    det_path.write_text(json.dumps(dets))
+    out = tmp_path / "cal.json"
+    code, _ = _run(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out),
+                    "--bins", "5"], capsys)
+    assert code == 0
+    written = json.loads(out.read_text())
+    expected = compute_calibration(dets, load_annotations(ann_path), bins=5)
+    assert written["per_class"] == expected["per_class"] and written["bins"] == 5
+    assert load_delta(out, [c["id"] for c in data["categories"]]).tolist() == pytest.approx(
+        [expected["per_class"][str(c["id"])]["delta"] for c in data["categories"]])
+
+    code, err = _run(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out)],
+                     capsys)
+    assert code == 2 and "output exists" in err and len(err.splitlines()) == 1
+
+    for field, value, message in (("category_id", 12345, "unknown category id 12345"),
+                                   ("image_id", 4242, "unknown image id 4242"),
+                                   ("score", float("nan"), "not a finite number"),
+                                   ("score", -0.5, "outside [0, 1]")):
+        bad = [dict(d) for d in dets]
+        bad[1][field] = value
+        det_path.write_text(json.dumps(bad))
+        code, err = _run(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path),
+                          "--out", str(out), "--force"], capsys)
+        assert code == 2 and message in err and "[1]" in err and len(err.splitlines()) == 1, err
+
+    det_path.write_text("[]")
+    code, err = _run(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out),
+                      "--force"], capsys)
+    assert code == 0 and "no detections" in err
+    assert json.loads(out.read_text())["ece"] == 0
+
+    code, err = _run(["calibrate", "--annotations", str(ann_path), "--out", str(out), "--force"], capsys)
+    assert code == 2 and "exactly one of" in err and len(err.splitlines()) == 1
+    det_path.write_text("{not json")
+    code, err = _run(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out),
+                      "--force"], capsys)
+    assert code == 2 and "malformed json" in err and len(err.splitlines()) == 1
+
+
+def test_cli_runs_a_detector_checkpoint(tmp_path, capsys):
+    weights = pytest.importorskip("slsd_cli.model.weights")
+    inference = pytest.importorskip("slsd_cli.inference")
+    from slsd_cli.data.synthetic import generate
+    from slsd_cli.model.config import tiny_cnn_config
+
+    synth = tmp_path / "synth"
+    generate(synth, classes=4, train_images=255, val_images=6, pool_images=1, image_size=64, seed=1)
+    ann = load_annotations(synth / "val.json")
+    torch.manual_seed(0)
+    cfg = tiny_cnn_config(image_size=64, test_score_threshold=0.0, max_detections=20)
+    weights.save_detector(weights.build_detector(cfg, ann.categories), tmp_path / "run", ann.categories, cfg)
+    out = tmp_path / "cal.json"
+    code, err = _run(["calibrate", "--annotations", str(synth / "val.json"), "--checkpoint", str(tmp_path / "run"),
+                      "--images", str(synth / "images"), "--out", str(out), "--bins", "4"], capsys)
+    assert code == 0, err
+    written = json.loads(out.read_text())
+    results = inference.predict_results(tmp_path / "run", ann, synth / "images", batch_size=2)
+    assert written["detections"] == len(results) > 0
+    assert written["per_class"] == compute_calibration(results, ann, bins=4)["per_class"]
+    code, err = _run(["calibrate", "--annotations", str(synth / "val.json"), "--checkpoint", str(tmp_path / "run"),
+                      "--out", str(out), "--force"], capsys)
+    assert code == 2 and "--images" in err and len(err.splitlines()) == 1

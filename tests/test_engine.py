@@ -3,6 +3,7 @@ mechanics on a small linear-regression phase (fast; the detector runs in test_tr
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -257,7 +258,7 @@ def _weights(run_dir: Path):
 def test_loop_learns_logs_and_resumes_bit_exactly(tmp_path: Path):
     cfg = _cfg()
     result = train(RegressionPhase(cfg), cfg, tmp_path / "a", CPU)
-    lines = [__import__("json").loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [x["iter"] for x in lines] == [2, 4, 6, 8, 10, 12]
     assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]
     assert {"lr", "losses", "images_per_s", "data_time_share", "grad_norm", "calls"} <= set(lines[0])
@@ -288,7 +289,7 @@ def test_loop_learns_logs_and_resumes_bit_exactly(tmp_path: Path):
     assert phase.steps == [8, 9, 10, 11]
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    iters = [__import__("json").loads(x)["iter"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    iters = [json.loads(x)["iter"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert iters == [2, 4, 6, 8, 10, 12]  # the log is cut back to the checkpoint, not duplicated
 
 
@@ -319,7 +320,7 @@ def test_fp16_autocast_with_grad_scaler_trains_and_resumes(tmp_path: Path):
     train(RegressionPhase(cfg), cfg, tmp_path / "a", CPU)
     state = ckpt.load(tmp_path / "a" / "ckpt" / "last.pt")
     assert state["scaler"]["scale"] > 0
-    lines = [__import__("json").loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["loss"] < lines[0]["loss"]
 
     class Stop(Exception):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from slsd_cli import timm_models
 from slsd_cli.cli import main
 from slsd_cli.data.lvis import annotation_mask, load_annotations, load_image
 from slsd_cli.data.synthetic import generate
@@ -193,7 +194,7 @@ def test_bad_input_exits_2_with_one_line(synth, tmp_path, capsys, monkeypatch):
         (["--checkpoint", str(tmp_path / "nothing"), "--out", str(out)], "model.safetensors"),
     ]
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(protos, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(timm_models, "online", lambda *a, **k: False)
     cases.append((["--backbone", "resnet18", "--out", str(out)], "no network"))
     for extra, message in cases:
         code, err = _cli(base + extra, capsys)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -62,28 +61,18 @@ def distill(
 
     Multi-GPU: torchrun --nproc_per_node 8 --no-python slsd distill lvis_eva02_L_distill ...
     """
-    from slsd_cli import recipe as recipes
+    from slsd_cli.commands._training import check_choice, load_recipe, trained_line
     from slsd_cli.engine import distill as engine
-    from slsd_cli.errors import InputError
 
-    items = list(overrides or []) + list(ctx.args)
-    if targets is not None and targets not in TARGET_MODES:
-        raise InputError(f"--targets must be one of {', '.join(TARGET_MODES)}, got {targets!r}")
-    if correction_scope is not None and correction_scope not in SCOPES:
-        raise InputError(f"--correction-scope must be one of {', '.join(SCOPES)}, got {correction_scope!r}")
+    check_choice("--targets", targets, TARGET_MODES)
+    check_choice("--correction-scope", correction_scope, SCOPES)
     flags = {"distill.teacher": teacher, "distill.unlabeled": unlabeled, "distill.unlabeled_images": unlabeled_images,
              "distill.calibration": calibration, "distill.targets": targets, "distill.lam": lam,
              "distill.correction_scope": correction_scope, "distill.threshold": threshold,
              "distill.unsup_weight": unsup_weight, "distill.ema": ema, "data.train_json": train_json,
              "data.images": images, "smoothing.prototypes": prototypes, "train.iterations": iterations,
              "train.seed": seed}
-    for key, value in flags.items():
-        if value is not None:
-            items.append(f"{key}={json.dumps(str(value)) if isinstance(value, Path) else value}")
-    loaded = recipes.load(recipe, items)
+    loaded = load_recipe(recipe, list(overrides or []) + list(ctx.args), flags)
     result = engine.run(loaded, out_dir, resume=resume, force=force)
-    s = engine.summary(result)
-    loss = "n/a" if s["final_loss"] is None else f"{s['final_loss']:.4f}"
-    info(f"student trained: {s['iterations']} iterations, final loss {loss}, {s['skipped_steps']} skipped step(s), "
-         f"{s['images_per_s']} images/s -> {out_dir}/model.safetensors (student), "
+    info(f"student trained: {trained_line(result)} -> {out_dir}/model.safetensors (student), "
          f"{out_dir}/teacher/model.safetensors (EMA teacher)")

@@ -41,37 +41,17 @@ def train_teacher(
 
     Multi-GPU: torchrun --nproc_per_node 8 --no-python slsd train-teacher lvis_eva02_L_teacher ...
     """
-    from slsd_cli import recipe as recipes
+    from slsd_cli.commands._training import check_choice, load_recipe, trained_line
     from slsd_cli.engine import teacher
     from slsd_cli.errors import InputError
 
-    items = list(overrides or []) + list(ctx.args)
-    if smoothing is not None:
-        if smoothing not in SMOOTHING_MODES:
-            raise InputError(f"--smoothing must be one of {', '.join(SMOOTHING_MODES)}, got {smoothing!r}")
-        items.append(f"smoothing.mode={smoothing}")
-    flags = {"smoothing.epsilon": epsilon, "smoothing.gamma": gamma, "smoothing.prototypes": prototypes,
-             "data.train_json": train_json, "data.images": images, "train.iterations": iterations,
-             "train.seed": seed}
-    for key, value in flags.items():
-        if value is not None:
-            items.append(f"{key}={_yaml_value(value)}")
-    loaded = recipes.load(recipe, items)
+    check_choice("--smoothing", smoothing, SMOOTHING_MODES)
+    flags = {"smoothing.mode": smoothing, "smoothing.epsilon": epsilon, "smoothing.gamma": gamma,
+             "smoothing.prototypes": prototypes, "data.train_json": train_json, "data.images": images,
+             "train.iterations": iterations, "train.seed": seed}
+    loaded = load_recipe(recipe, list(overrides or []) + list(ctx.args), flags)
     if loaded.smoothing.mode == "similarity" and loaded.smoothing.prototypes is None:
         raise InputError("--smoothing similarity needs --prototypes (from `slsd prototypes`), or use "
                          "--smoothing uniform / none")
     result = teacher.run(loaded, out_dir, resume=resume, force=force)
-    if result is not None:
-        s = teacher.summary(result)
-        loss = "n/a" if s["final_loss"] is None else f"{s['final_loss']:.4f}"
-        info(f"teacher trained: {s['iterations']} iterations, final loss {loss}, {s['skipped_steps']} skipped "
-             f"step(s), {s['images_per_s']} images/s -> {out_dir}/model.safetensors")
-
-
-def _yaml_value(value) -> str:
-    """A flag value as yaml text for an override (paths stay strings)."""
-    if isinstance(value, Path):
-        import json
-
-        return json.dumps(str(value))
-    return str(value)
+    info(f"teacher trained: {trained_line(result)} -> {out_dir}/model.safetensors")

@@ -34,32 +34,30 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from slsd_cli import distributed
-from slsd_cli.config import save_recipe, to_dict
+from slsd_cli.config import to_dict
 from slsd_cli.data.batching import Batch, collate_pairs
 from slsd_cli.data.dataset import InstanceDataset
 from slsd_cli.data.lvis import frequency_group, load_annotations
 from slsd_cli.data.transforms import WeakStrongTransform
-from slsd_cli.engine import checkpoint as ckpt
+from slsd_cli.engine import run_dir as runs
 from slsd_cli.engine.ema import EMATeacher
 from slsd_cli.engine.pseudo_labels import PseudoLabelSpec, PseudoLabelStats, pseudo_label_targets
 from slsd_cli.engine.teacher import add_class_targets, build_data, build_table
-from slsd_cli.engine.trainer import StepLoader, TrainResult, sample_seed, seed_everything, train
+from slsd_cli.engine.trainer import StepLoader, TrainResult, sample_seed, seed_everything, train_recipe
 from slsd_cli.errors import InputError
 from slsd_cli.io import read_json
 from slsd_cli.progress import info, warn
 from slsd_cli.recipe import Recipe
 
-RUN_OUTPUTS = ("model.safetensors", "model.json", "teacher", "metrics.jsonl", "recipe.yaml", "ckpt")
-TEACHER_DIR = "teacher"
+TEACHER_DIR = "teacher"  # the EMA teacher's export, beside the student's
+RUN_OUTPUTS = (*runs.RUN_OUTPUTS, TEACHER_DIR)
 _UNLABELED_STREAM = 7  # key of the unlabeled stream's seed (independent of the labeled stream's)
 
 
@@ -194,25 +192,6 @@ def category_group(category: dict) -> str:
 
 
 # ------------------------------------------------------------------------------ set-up
-
-
-def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """An existing run needs --resume (continue it) or --force (start over)."""
-    if resume:
-        return
-    existing = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    if existing and not force:
-        raise InputError(f"holds a run ({', '.join(existing)}); pass --resume to continue it or --force to "
-                         "start over", path=run_dir)
-
-
-def _clear_run(run_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 def unlabeled_per_process(recipe: Recipe) -> int:
@@ -354,8 +333,7 @@ def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: boo
     process calls this)."""
     run_dir = Path(run_dir)
     validate(recipe)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError("output exists and is not a directory", path=run_dir)
+    runs.check_is_dir(run_dir)
     meta_path = teacher_meta_path(recipe.distill.teacher)
     teacher_meta = read_json(meta_path)
     if not isinstance(teacher_meta, dict):
@@ -365,22 +343,8 @@ def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: boo
         raise InputError("no labeled annotations: set data.train_json or pass --train-json", record="recipe")
     dist = distributed.init(recipe.train.device, recipe.train.dist_timeout_minutes)
     try:
-        problem = None
-        if dist.is_main:
-            try:
-                check_run_dir(run_dir, resume, force)
-            except InputError as exc:
-                problem = exc
-        problem = distributed.broadcast_object(problem)
-        if problem is not None:
-            raise problem
-        resuming = resume and ckpt.checkpoint_path(run_dir).is_file()
-        if dist.is_main:
-            if not resuming:
-                _clear_run(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_recipe(recipe, run_dir / "recipe.yaml")
-        distributed.barrier()
+        runs.check_on_main(run_dir, RUN_OUTPUTS, resume, force, dist)
+        resuming = runs.prepare(run_dir, RUN_OUTPUTS, resume, recipe, dist)
         if taken:
             info(f"from the teacher run's recipe: {', '.join(taken)}")
 
@@ -392,14 +356,6 @@ def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: boo
              f"{len(phase.unlabeled.dataset)} unlabeled images, {recipe.train.iterations} iterations x "
              f"({recipe.train.batch_per_process} + {unlabeled_per_process(recipe)}) images x {dist.world_size} "
              f"process(es), targets {targets}, threshold {d.threshold}, EMA {d.ema}, device {dist.device}")
-        try:
-            return train(phase, recipe.train, run_dir, dist, resume=resuming, recipe=to_dict(recipe))
-        finally:
-            phase.close()
+        return train_recipe(phase, recipe, run_dir, dist, resume=resuming)
     finally:
         distributed.cleanup()
-
-
-def summary(result: TrainResult) -> dict[str, Any]:
-    return {"run_dir": str(result.run_dir), "iterations": result.iterations, "skipped_steps": result.skipped,
-            "final_loss": result.final_loss, "images_per_s": round(result.images_per_s, 2)}

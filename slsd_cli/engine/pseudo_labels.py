@@ -31,8 +31,8 @@ from typing import Literal, Optional, Sequence
 import torch
 
 TargetMode = Literal["onehot", "soft"]
-MIN_BOX_SIDE = 1.0  # pixels; a thinner pseudo-box (after clipping to the image) is not a usable target
 Scope = Literal["all", "predicted"]
+MIN_BOX_SIDE = 1.0  # pixels; a thinner pseudo-box (after clipping to the image) is not a usable target
 
 
 @dataclass

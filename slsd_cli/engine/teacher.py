@@ -14,27 +14,23 @@ and at the end RUN/model.safetensors + RUN/model.json.
 from __future__ import annotations
 
 import functools
-import shutil
 from pathlib import Path
-from typing import Any
 
 from torch import Tensor, nn
 
 from slsd_cli import distributed
-from slsd_cli.config import save_recipe, to_dict
+from slsd_cli.config import to_dict
 from slsd_cli.data.batching import Batch, collate
 from slsd_cli.data.dataset import InstanceDataset
 from slsd_cli.data.lvis import Annotations, load_annotations
 from slsd_cli.data.sampling import repeat_factors
 from slsd_cli.data.transforms import lsj_transform
-from slsd_cli.engine import checkpoint as ckpt
-from slsd_cli.engine.trainer import StepLoader, TrainResult, seed_everything, train
+from slsd_cli.engine import run_dir as runs
+from slsd_cli.engine.trainer import StepLoader, TrainResult, seed_everything, train_recipe
 from slsd_cli.errors import InputError
 from slsd_cli.labels.smoothing import target_table
 from slsd_cli.progress import info
 from slsd_cli.recipe import Recipe
-
-RUN_OUTPUTS = ("model.safetensors", "model.json", "metrics.jsonl", "recipe.yaml", "ckpt")
 
 
 class TeacherPhase:
@@ -93,25 +89,6 @@ def add_class_targets(batch: Batch, table: Tensor) -> Batch:
 # ------------------------------------------------------------------------------ set-up
 
 
-def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """An existing run needs --resume (continue it) or --force (start over)."""
-    if resume:
-        return
-    existing = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    if existing and not force:
-        raise InputError(f"holds a run ({', '.join(existing)}); pass --resume to continue it or --force to "
-                         "start over", path=run_dir)
-
-
-def _clear_run(run_dir: Path) -> None:
-    for name in RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 def resolve_images_dir(recipe: Recipe) -> Path:
     if recipe.data.images is not None:
         images = Path(recipe.data.images)
@@ -154,20 +131,10 @@ def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: boo
     run_dir = Path(run_dir)
     if recipe.data.train_json is None:
         raise InputError("no training annotations: set data.train_json or pass --train-json", record="recipe")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError("output exists and is not a directory", path=run_dir)
+    runs.check_is_dir(run_dir)
     dist = distributed.init(recipe.train.device, recipe.train.dist_timeout_minutes)
     try:
-        # rank 0 decides (the others could otherwise see the files it is about to write)
-        problem = None
-        if dist.is_main:
-            try:
-                check_run_dir(run_dir, resume, force)
-            except InputError as exc:
-                problem = exc
-        problem = distributed.broadcast_object(problem)
-        if problem is not None:
-            raise problem
+        runs.check_on_main(run_dir, runs.RUN_OUTPUTS, resume, force, dist)
         # inputs first: a bad path or file fails before anything is written
         annotations = load_annotations(recipe.data.train_json)
         table = build_table(recipe, annotations)
@@ -177,25 +144,10 @@ def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: boo
         phase = TeacherPhase(model, loader, None if table is None else table.to(dist.device),
                              annotations.categories, recipe)
 
-        resuming = resume and ckpt.checkpoint_path(run_dir).is_file()
-        if dist.is_main:
-            if not resuming:
-                _clear_run(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_recipe(recipe, run_dir / "recipe.yaml")
-        distributed.barrier()
+        resuming = runs.prepare(run_dir, runs.RUN_OUTPUTS, resume, recipe, dist)
         info(f"teacher: {annotations.num_classes} classes, {len(loader.dataset)} images, "
              f"{recipe.train.iterations} iterations x {recipe.train.batch_per_process} images x "
              f"{dist.world_size} process(es), smoothing {recipe.smoothing.mode}, device {dist.device}")
-        try:
-            return train(phase, recipe.train, run_dir, dist, resume=resuming, recipe=to_dict(recipe))
-        finally:
-            phase.close()
+        return train_recipe(phase, recipe, run_dir, dist, resume=resuming)
     finally:
         distributed.cleanup()
-
-
-def summary(result: TrainResult) -> dict[str, Any]:
-    return {"run_dir": str(result.run_dir), "iterations": result.iterations, "skipped_steps": result.skipped,
-            "final_loss": result.final_loss, "images_per_s": round(result.images_per_s, 2)}
-

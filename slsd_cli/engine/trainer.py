@@ -31,7 +31,7 @@ explicit interface, `Phase`:
             # Write the final shareable weights (RUN/model.safetensors + RUN/model.json via
             # model.weights.save_detector). Called on rank 0 only, at the end.
         # optional: `find_unused_parameters: bool` (passed to DDP), `close()` (stop data workers;
-        # called by the phase's owner, e.g. engine.teacher.run).
+        # called by `train_recipe` once the run ends).
 
     The model's own randomness (proposal sampling, drop path) needs nothing from a phase: the
     trainer seeds torch before every micro-batch.
@@ -41,6 +41,8 @@ Engine API (this module):
     train(phase, cfg: recipe.TrainConfig, run_dir, dist: DistInfo, *, resume=False, recipe=None)
         -> TrainResult(run_dir, iterations, skipped, final_loss, images_per_s)
         raises NonFiniteLossError (an InputError: exit code 2) after train.max_nonfinite bad steps
+    train_recipe(phase, recipe, run_dir, dist, *, resume) -> train() with a whole Recipe, then phase.close()
+    summary(result) -> the figures a command reports
     StepLoader(dataset, collate, *, seed, rank, world_size, micro_batch, factors, num_workers, device)
         .next() -> micro-batch on the device; .state_dict() / .load_state_dict(); .close()
     seed_everything(seed), sample_seed(seed, *keys), amp_dtype(amp, device)
@@ -77,13 +79,14 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from slsd_cli import distributed
+from slsd_cli.config import to_dict
 from slsd_cli.data.sampling import RepeatFactorSampler
 from slsd_cli.distributed import DistInfo
 from slsd_cli.engine import checkpoint as ckpt
@@ -91,6 +94,9 @@ from slsd_cli.engine.optim import build_optimizer, lr_factor, set_lr
 from slsd_cli.errors import InputError
 from slsd_cli.io import atomic_write_text
 from slsd_cli.progress import info, progress, warn
+
+if TYPE_CHECKING:
+    from slsd_cli.recipe import Recipe
 
 
 class Phase(Protocol):
@@ -119,6 +125,12 @@ class TrainResult:
     skipped: int              # steps skipped for a non-finite loss or gradient
     final_loss: float | None  # mean total loss of the last logging window
     images_per_s: float       # global images per second over this process's run
+
+
+def summary(result: TrainResult) -> dict[str, Any]:
+    """The figures a command prints after a run (any phase)."""
+    return {"run_dir": str(result.run_dir), "iterations": result.iterations, "skipped_steps": result.skipped,
+            "final_loss": result.final_loss, "images_per_s": round(result.images_per_s, 2)}
 
 
 # ------------------------------------------------------------------------------ seeds
@@ -441,6 +453,17 @@ def train(phase: Phase, cfg: Any, run_dir: str | Path, dist: DistInfo, *, resume
     elapsed = time.perf_counter() - run_started
     return TrainResult(run_dir=run_dir, iterations=cfg.iterations, skipped=skipped, final_loss=final_loss,
                        images_per_s=run_images / elapsed if run_images else 0.0)
+
+
+def train_recipe(phase: Phase, recipe: Recipe, run_dir: Path, dist: DistInfo, *, resume: bool) -> TrainResult:
+    """`train` with a `recipe.Recipe`'s train section, storing the whole recipe in the checkpoints;
+    the phase's data workers are stopped however the run ends."""
+    try:
+        return train(phase, recipe.train, run_dir, dist, resume=resume, recipe=to_dict(recipe))
+    finally:
+        close = getattr(phase, "close", None)  # optional in `Phase`
+        if close is not None:
+            close()
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,8 +29,8 @@ from torchvision.ops import roi_align
 from slsd_cli import distributed
 from slsd_cli.data.lvis import Annotations, annotation_mask, load_image
 from slsd_cli.errors import InputError
-from slsd_cli.io import load_safetensors, torch_load
 from slsd_cli.labels.smoothing import PrototypeAccumulator, cosine_similarity
+from slsd_cli.timm_models import create_timm_model, is_timm_model
 
 SAMPLING_RATIO = 2
 
@@ -76,14 +74,6 @@ def _valid_mask(x: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
     return ((rows < hs) & (cols < ws)).to(x.dtype)
 
 
-def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 class _MissingKeys(logging.Handler):
     """Collects the keys timm reports missing while loading pretrained weights. timm loads
     features_only models non-strictly (their classifier is dropped) and only logs what it missed;
@@ -115,25 +105,6 @@ class _MissingKeys(logging.Handler):
         self._logger.propagate = self._saved[1]
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """A state dict from a safetensors file or a torch file (weights_only=True); a checkpoint that
-    nests it under 'state_dict', 'model' or 'module' is unwrapped, a 'module.' prefix dropped."""
-    if not path.is_file():
-        raise InputError("weights file not found", path=path)
-    if path.suffix == ".safetensors":
-        state, _ = load_safetensors(path)
-    else:
-        state = torch_load(path)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise InputError("not a state dict of tensors", path=path)
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
-
-
 def timm_extractor(name: str, weights: str | Path | None = None, random_init: bool = False,
                    feature_level: int = -1, image_size: int = 1024) -> Extractor:
     """A timm backbone at one feature level (`feature_level` indexes timm's feature_info; -1 = last).
@@ -145,41 +116,16 @@ def timm_extractor(name: str, weights: str | Path | None = None, random_init: bo
     """
     import timm
 
-    if not timm.is_model(name) and not timm.is_model(name.split(".")[0]):
+    if not is_timm_model(name):
         raise InputError(f"unknown timm model {name!r}", record="--backbone")
-    if weights is not None and random_init:
-        raise InputError("--weights and --random-init exclude each other")
-    kwargs: dict[str, Any] = {"features_only": True, "out_indices": (feature_level,)}
-    source = "random-init"
-    if weights is not None:
-        state = _read_state_dict(Path(weights))
-        kwargs.update(pretrained=True, pretrained_cfg_overlay={"state_dict": state})
-        source = f"file:{weights}"
-    elif not random_init:
-        if not os.environ.get("HF_HUB_OFFLINE") and not _online():
-            raise InputError(f"no network to download pretrained weights for {name!r}: pass --weights FILE "
-                             "(safetensors or torch state dict) or --random-init", record="--backbone")
-        kwargs["pretrained"] = True
-        source = "pretrained"
-
-    def create(extra: dict) -> nn.Module:
-        try:
-            return timm.create_model(name, **kwargs, **extra)
-        except TypeError:
-            raise
-        except IndexError as exc:
-            raise InputError(f"{name!r} has no feature level {feature_level}", record="--feature-level") from exc
-        except (RuntimeError, KeyError, ValueError, OSError) as exc:
-            where = {"path": weights} if weights is not None else {"record": "--backbone"}
-            raise InputError(f"cannot build {name!r} with {source} weights ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:300]})", **where) from exc
-
     capture = _MissingKeys()
     with capture:
         try:
-            model = create({"img_size": image_size})  # ViT-like models: inputs of image_size
-        except TypeError:
-            model = create({})  # CNNs take any size
+            model, kind = create_timm_model(name, weights=weights, random_init=random_init, image_size=image_size,
+                                            option="--backbone", features_only=True, out_indices=(feature_level,))
+        except IndexError as exc:
+            raise InputError(f"{name!r} has no feature level {feature_level}", record="--feature-level") from exc
+    source = f"file:{weights}" if kind == "file" else kind
     model.eval()
     if weights is not None:
         base_cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(name.split(".")[0])

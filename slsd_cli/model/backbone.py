@@ -386,14 +386,11 @@ def _weights_error(cfg: ModelConfig, exc: Exception, name: str) -> InputError:
 
 
 def _read_weights_file(path: str) -> dict:
+    from slsd_cli.timm_models import read_weights_file
+
     _check_weights_file(path)
-    if path.endswith(".safetensors"):
-        from slsd_cli.io import load_safetensors
-
-        return load_safetensors(path)[0]
-    from slsd_cli.io import torch_load
-
-    state = torch_load(path)
+    # no unwrapping here: timm's EVA checkpoint filter unwraps (model_ema, model, ...) and renames keys
+    state = read_weights_file(path)
     if not isinstance(state, dict):
         raise InputError("a weights file must hold a state dict", path=path)
     return state

@@ -26,18 +26,17 @@ embedding cache is keyed by it and a stale cache is never reused.
 
 from __future__ import annotations
 
+import abc
 import hashlib
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from slsd_cli.errors import InputError
-from slsd_cli.io import load_safetensors, torch_load
+from slsd_cli.timm_models import create_timm_model, is_timm_model
 
 DEFAULT_EMBEDDER = "vit_large_patch14_dinov2.lvd142m"
 COLORHIST = "colorhist"
@@ -53,7 +52,7 @@ def file_digest(path: str | Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-class Embedder:
+class Embedder(abc.ABC):
     """Base class: `__call__(uint8 [B,3,H,W]) -> float32 unit vectors [B, D]`."""
 
     name: str
@@ -62,8 +61,9 @@ class Embedder:
     dim: int
     device: torch.device
 
-    def embed(self, images: Tensor) -> Tensor:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def embed(self, images: Tensor) -> Tensor:
+        """Raw features `[B, D]` of a batch on `self.device`; `__call__` normalises them."""
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:
@@ -135,34 +135,6 @@ class ColorHistEmbedder(Embedder):
 # ------------------------------------------------------------------ timm
 
 
-def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """A state dict from a safetensors or torch file (weights_only=True); a checkpoint nesting it under
-    'state_dict', 'model' or 'module' is unwrapped and a 'module.' prefix dropped."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("weights file not found", path=path)
-    if path.suffix == ".safetensors":
-        state, _ = load_safetensors(path)
-    else:
-        state = torch_load(path)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise InputError("not a state dict of tensors", path=path)
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
-
-
 class TimmEmbedder(Embedder):
     """A timm model's pooled feature (classifier removed)."""
 
@@ -170,45 +142,18 @@ class TimmEmbedder(Embedder):
                  image_size: int | None = None, device: torch.device | str = "cpu", seed: int = 0):
         import timm
 
-        if not timm.is_model(name) and not timm.is_model(name.split(".")[0]):
+        if not is_timm_model(name):
             raise InputError(f"unknown embedder {name!r} (a timm model name, 'colorhist', or slsd:RUN_DIR)",
                              record="--embedder")
-        if weights is not None and random_init:
-            raise InputError("--weights and --random-init exclude each other")
-        kwargs: dict[str, Any] = {"num_classes": 0}
-        if weights is not None:
-            state = read_state_dict(weights)
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"state_dict": state})
+        model, kind = create_timm_model(name, weights=weights, random_init=random_init, seed=seed,
+                                        image_size=image_size, option="--embedder", num_classes=0)
+        # part of the cache key: a weights file by its bytes, a random init by its seed
+        if kind == "file":
             source = f"weights:{file_digest(weights)}"
-        elif random_init:
+        elif kind == "random-init":
             source = f"random-init:{seed}"
         else:
-            if not os.environ.get("HF_HUB_OFFLINE") and not _online():
-                raise InputError(f"no network to download pretrained weights for {name!r}: pass --weights FILE "
-                                 "(safetensors or torch state dict) or --random-init", record="--embedder")
-            kwargs["pretrained"] = True
-            source = "pretrained"
-
-        def create(extra: dict) -> nn.Module:
-            try:
-                return timm.create_model(name, **kwargs, **extra)
-            except TypeError:
-                raise
-            except (RuntimeError, KeyError, ValueError, OSError) as exc:
-                where = {"path": weights} if weights is not None else {"record": "--embedder"}
-                raise InputError(f"cannot build {name!r} with {source.split(':')[0]} weights "
-                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})", **where) from exc
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # random init is seeded, so tests are repeatable
-            model = None
-            if image_size is not None:
-                try:
-                    model = create({"img_size": int(image_size)})  # ViT-like: position grid for this size
-                except TypeError:
-                    model = None  # CNNs take any size
-            if model is None:
-                model = create({})
+            source = kind
         cfg = timm.data.resolve_data_config({}, model=model)
         size = int(image_size) if image_size is not None else int(cfg["input_size"][-1])
         self.name = name

@@ -9,11 +9,8 @@ from typing import Optional
 
 import typer
 
-from slsd_cli import distributed
-from slsd_cli.data.lvis import load_annotations
 from slsd_cli.errors import InputError
 from slsd_cli.io import check_output
-from slsd_cli.labels import calibration
 from slsd_cli.progress import info, warn
 
 
@@ -42,6 +39,10 @@ def calibrate(
 
     Example: slsd calibrate --annotations holdout.json --detections runs/teacher/detections.json --out calibration.json
     """
+    from slsd_cli import distributed
+    from slsd_cli.data.lvis import load_annotations
+    from slsd_cli.labels import calibration
+
     started = time.perf_counter()
     if (detections is None) == (checkpoint is None):
         raise InputError("give exactly one of --detections FILE or --checkpoint RUN (with --images)")
@@ -89,6 +90,8 @@ def calibrate(
 def _run_checkpoint(checkpoint: Path, ann, images: Path, iou_type: str, batch_size: int, model_kind: str,
                     image_size: int | None, device) -> calibration.Detections:
     """Detections of an slsd detector run over the annotations' images (slsd_cli.inference)."""
+    from slsd_cli.labels import calibration
+
     from slsd_cli import inference
 
     results = inference.predict_results(checkpoint, ann, images, batch_size=batch_size, image_size=image_size,

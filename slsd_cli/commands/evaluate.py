@@ -7,11 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from slsd_cli import distributed, evaluation
-from slsd_cli.data.lvis import load_annotations
 from slsd_cli.errors import InputError
 from slsd_cli.io import atomic_write_json, check_output
 from slsd_cli.progress import info, warn
@@ -50,6 +46,9 @@ def evaluate(
 
     Example: slsd eval --annotations val.json --checkpoint runs/student --images images --out-dir runs/student/eval
     """
+    from slsd_cli import distributed, evaluation
+    from slsd_cli.data.lvis import load_annotations
+
     started = time.perf_counter()
     if (detections is None) == (checkpoint is None):
         raise InputError("give exactly one of --detections FILE or --checkpoint RUN (with --images)")
@@ -104,6 +103,8 @@ def evaluate(
 
 
 def _parse_iou_types(value: str | None) -> tuple[str, ...] | None:
+    from slsd_cli import distributed, evaluation
+
     if value is None:
         return None
     types = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
@@ -118,6 +119,10 @@ def _fmt(value: float) -> str:
 
 def print_metrics(metrics: dict, iou_types: tuple[str, ...]) -> None:
     """A rich table: one row per summary number, one column per IoU type (AP in %, '-' = undefined)."""
+    from rich.console import Console
+    from rich.table import Table
+    from slsd_cli import distributed, evaluation
+
     protocol, max_dets = metrics["protocol"], metrics["max_dets"]
     table = Table(title=f"{protocol.upper()} AP (%)",
                   caption=f"{metrics['num_images']:,} images, {metrics['num_detections']:,} detections "

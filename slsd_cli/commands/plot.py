@@ -7,7 +7,6 @@ from typing import List, Optional
 
 import typer
 
-from slsd_cli import plots
 from slsd_cli.errors import InputError
 from slsd_cli.progress import info
 
@@ -60,12 +59,14 @@ def reliability(
                                                                       "[default: the files' parent folder names]."),
     out: Path = typer.Option(..., "--out", help=OUT_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    dpi: int = typer.Option(plots.DPI, "--dpi", help=DPI_HELP),
+    dpi: int = typer.Option(150, "--dpi", help=DPI_HELP),
 ) -> None:
     """Reliability diagrams side by side, ECE in each title (the paper's Fig. 3).
 
     Example: slsd plot reliability teacher/calibration.json student/calibration.json --labels teacher,student --out fig3.png
     """
+    from slsd_cli import plots
+
     plots.check_figure_outputs(out, force)
     names = _split_list(labels, "--labels") or [p.parent.name or p.stem for p in calibrations]
     figure = plots.reliability_figure([plots.read_calibration(p) for p in calibrations], names, dpi=dpi)
@@ -81,12 +82,14 @@ def ap_vs_frequency(
     title: Optional[str] = typer.Option(None, "--title", help="Figure title."),
     out: Path = typer.Option(..., "--out", help=OUT_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    dpi: int = typer.Option(plots.DPI, "--dpi", help=DPI_HELP),
+    dpi: int = typer.Option(150, "--dpi", help=DPI_HELP),
 ) -> None:
     """Per-class AP against training instance count (log x), coloured by r/c/f (the paper's Fig. 4).
 
     Example: slsd plot ap-vs-frequency runs/student/metrics.json --annotations data/train.json --out fig4.png
     """
+    from slsd_cli import plots
+
     from slsd_cli.data.lvis import load_annotations
 
     plots.check_figure_outputs(out, force)
@@ -106,12 +109,14 @@ def label_efficiency(
     iou_type: str = typer.Option("segm", "--iou-type", help="segm or bbox."),
     out: Path = typer.Option(..., "--out", help=OUT_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    dpi: int = typer.Option(plots.DPI, "--dpi", help=DPI_HELP),
+    dpi: int = typer.Option(150, "--dpi", help=DPI_HELP),
 ) -> None:
     """AP and APr against the labeled fraction, one line per method (the paper's Fig. 2).
 
     Example: slsd plot label-efficiency runs/*/metrics.json --out fig2.png
     """
+    from slsd_cli import plots
+
     plots.check_figure_outputs(out, force)
     runs = plots.label_efficiency_runs(metrics, _split_list(methods, "--methods"), _floats(fractions, "--fractions"),
                                        iou_type)
@@ -131,12 +136,14 @@ def predictions(
     label: str = typer.Option("predictions", "--label", help="Name of the model in the panel titles."),
     out: Path = typer.Option(..., "--out", help=OUT_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    dpi: int = typer.Option(plots.DPI, "--dpi", help=DPI_HELP),
+    dpi: int = typer.Option(150, "--dpi", help=DPI_HELP),
 ) -> None:
     """Masks, boxes and class names over images (the paper's Fig. 5).
 
     Example: slsd plot predictions runs/student/detections.json --images data/images --annotations data/val.json --ids 501,502 --gt --out fig5.png
     """
+    from slsd_cli import plots
+
     from slsd_cli.data.lvis import load_annotations
 
     plots.check_figure_outputs(out, force)

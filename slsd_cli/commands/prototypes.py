@@ -6,15 +6,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 import typer
 
-from slsd_cli import distributed
-from slsd_cli.data.lvis import load_annotations
 from slsd_cli.errors import InputError
 from slsd_cli.io import check_output
-from slsd_cli.labels import prototypes as protos
-from slsd_cli.labels.smoothing import save_prototypes
 from slsd_cli.progress import info, progress, warn
 
 
@@ -51,6 +46,12 @@ def prototypes(
     Example: slsd prototypes --annotations train.json --images synth/images --backbone resnet18 --random-init
     --out prototypes.safetensors
     """
+    import torch
+    from slsd_cli import distributed
+    from slsd_cli.data.lvis import load_annotations
+    from slsd_cli.labels import prototypes as protos
+    from slsd_cli.labels.smoothing import save_prototypes
+
     started = time.perf_counter()
     if (backbone is None) == (checkpoint is None):
         raise InputError("give exactly one of --backbone TIMM_NAME or --checkpoint RUN")
@@ -93,6 +94,8 @@ def prototypes(
 
 
 def _summary(result: dict, dim: int, world_size: int, out: Path, seconds: float) -> None:
+    import torch
+
     counts = result["counts"]
     missing = int((counts == 0).sum())
     if missing:

@@ -6,12 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from slsd_cli import distributed
 from slsd_cli.progress import console, info, progress, warn
-from slsd_cli.retrieval.embedders import DEFAULT_EMBEDDER
-from slsd_cli.retrieval.pipeline import RetrieveConfig, run_retrieve
 
 
 def retrieve(
@@ -27,7 +23,7 @@ def retrieve(
         "rare", "--queries", help="Query classes: rare, common, frequent, all, or a comma list."),
     k: int = typer.Option(64, "--k", help="Neighbours per query instance."),
     embedder: str = typer.Option(
-        DEFAULT_EMBEDDER, "--embedder",
+        "vit_large_patch14_dinov2.lvd142m", "--embedder",  # retrieval.embedders.DEFAULT_EMBEDDER
         help="timm model name (default DINOv2 ViT-L/14), 'colorhist' (weight-free colour baseline), or slsd:RUN_DIR."),
     weights: Optional[Path] = typer.Option(
         None, "--weights", help="Local weights for a timm embedder (safetensors or torch state dict)."),
@@ -60,6 +56,9 @@ def retrieve(
 
     Example: slsd retrieve --annotations synth/train.json --images synth/images --pool synth/pool.json --embedder colorhist --k 16 --out retrieved/unlabeled.json
     """
+    from slsd_cli import distributed
+    from slsd_cli.retrieval.pipeline import RetrieveConfig, run_retrieve
+
     cfg = RetrieveConfig(
         annotations=annotations, images=images, pool=pool, out=out, pool_images=pool_images, queries=queries, k=k,
         embedder=embedder, weights=weights, random_init=random_init, image_size=image_size, crop_margin=crop_margin,
@@ -76,6 +75,9 @@ def retrieve(
 
 
 def print_summary(summary: dict) -> None:
+    from rich.table import Table
+    from slsd_cli import distributed
+
     table = Table(title="slsd retrieve", show_header=True, header_style="bold")
     table.add_column("query group")
     table.add_column("classes", justify="right")

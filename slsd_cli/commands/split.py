@@ -7,7 +7,6 @@ from typing import List, Optional
 
 import typer
 
-from slsd_cli.data.split import split_dataset
 
 
 def split(
@@ -24,6 +23,8 @@ def split(
 
     Example: slsd split lvis_v1_train.json --fraction 0.01 --fraction 0.1 --out-dir splits
     """
+    from slsd_cli.data.split import split_dataset
+
     summary = split_dataset(annotations, out_dir, holdout=holdout, fractions=fraction or [], seed=seed,
                             force=force)
     for out in summary["outputs"]:

@@ -6,10 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from slsd_cli.data import synthetic
 from slsd_cli.progress import progress
 
 
@@ -36,6 +33,8 @@ def synth(
 
     Example: slsd synth data/synth --classes 40 --seed 0
     """
+    from slsd_cli.data import synthetic
+
     with progress(transient=True) as bar:
         summary = synthetic.generate(out_dir, classes=classes, train_images=train_images, val_images=val_images,
                                      pool_images=pool_images, image_size=image_size, seed=seed, force=force,
@@ -44,6 +43,9 @@ def synth(
 
 
 def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     groups = summary["groups"]
     table = Table(title=f"slsd synth -> {summary['out_dir']}  ({summary['classes']} classes: "
                         f"{groups['r']} rare, {groups['c']} common, {groups['f']} frequent; "

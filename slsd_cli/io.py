@@ -100,7 +100,7 @@ def torch_save_atomic(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
-def torch_load(path: str | Path, map_location: "str | torch.device" = "cpu") -> Any:
+def load_torch_file(path: str | Path, map_location: "str | torch.device" = "cpu") -> Any:
     """Load a checkpoint without executing code (`weights_only=True`)."""
     import torch
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from slsd_cli.errors import InputError
-from slsd_cli.io import load_safetensors, torch_load
+from slsd_cli.io import load_safetensors, load_torch_file
 
 WeightsKind = Literal["file", "random-init", "pretrained"]
 
@@ -39,7 +39,7 @@ def read_weights_file(path: str | Path) -> Any:
     """What a weights file holds: a safetensors file's tensors, or a torch file's object (weights_only)."""
     if str(path).endswith(".safetensors"):
         return load_safetensors(path)[0]
-    return torch_load(path)
+    return load_torch_file(path)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

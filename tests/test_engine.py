@@ -18,7 +18,7 @@ from slsd_cli.engine import checkpoint as ckpt
 from slsd_cli.engine.optim import build_optimizer, lr_factor, param_groups, set_lr
 from slsd_cli.engine.trainer import NonFiniteLossError, StepLoader, _RankKeys, sample_seed, train
 from slsd_cli.errors import InputError
-from slsd_cli.io import torch_load, torch_save_atomic
+from slsd_cli.io import load_torch_file, torch_save_atomic
 from slsd_cli.recipe import Recipe, TrainConfig, load, packaged_recipes, resolve_path
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -156,7 +156,7 @@ def test_rng_states_round_trip_through_weights_only(tmp_path: Path):
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch_save_atomic({"rng": state}, tmp_path / "r.pt")
     torch.rand(10), np.random.rand(10), random.random()
-    ckpt.set_rng_state(torch_load(tmp_path / "r.pt")["rng"])
+    ckpt.set_rng_state(load_torch_file(tmp_path / "r.pt")["rng"])
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1])
@@ -252,7 +252,7 @@ def _cfg(**kw) -> TrainConfig:
 
 
 def _weights(run_dir: Path):
-    return torch_load(run_dir / "final.pt")
+    return load_torch_file(run_dir / "final.pt")
 
 
 def test_loop_learns_logs_and_resumes_bit_exactly(tmp_path: Path):

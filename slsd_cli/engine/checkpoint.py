@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slsd_cli.io import torch_load, torch_save_atomic
+from slsd_cli.io import load_torch_file, torch_save_atomic
 
 FORMAT = 1
 
@@ -40,7 +40,7 @@ def save(state: dict[str, Any], path: str | Path) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     from slsd_cli.errors import InputError
 
-    state = torch_load(path, map_location=map_location)
+    state = load_torch_file(path, map_location=map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT or "modules" not in state:
         raise InputError("not an slsd training checkpoint", path=path)
     return state

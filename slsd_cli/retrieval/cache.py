@@ -213,10 +213,7 @@ def embed_items(items, embedder: Embedder, cache_dir: str | Path, kind: str, *, 
     current = next(pending_iter)
     start, end = store.chunk_range(current)
     n = end - start
-    buf_emb = np.zeros((n, embedder.dim), dtype=np.float16)
-    buf_ok = np.zeros(n, dtype=bool)
-    buf_hash = np.zeros((n, HASH_BYTES), dtype=np.uint8)
-    buf_size = np.zeros((n, 2), dtype=np.int32)
+    buf_emb, buf_ok, buf_hash, buf_size = _chunk_buffers(n, embedder.dim)
     errors: dict[int, str] = {}
     filled = 0
     for batch in loader:
@@ -253,10 +250,7 @@ def embed_items(items, embedder: Embedder, cache_dir: str | Path, kind: str, *, 
                 if current is not None:
                     start, end = store.chunk_range(current)
                     n = end - start
-                    buf_emb = np.zeros((n, embedder.dim), dtype=np.float16)
-                    buf_ok = np.zeros(n, dtype=bool)
-                    buf_hash = np.zeros((n, HASH_BYTES), dtype=np.uint8)
-                    buf_size = np.zeros((n, 2), dtype=np.int32)
+                    buf_emb, buf_ok, buf_hash, buf_size = _chunk_buffers(n, embedder.dim)
                     errors = {}
                     filled = 0
         if progress is not None:
@@ -294,3 +288,9 @@ def first_error(store: EmbeddingStore, items: list[Item]) -> InputError | None:
             return InputError(chunk.errors[index] + " (pass --skip-bad-images to skip unreadable pool images)",
                               path=item.path, record=item.record)
     return None
+
+
+def _chunk_buffers(n: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Empty buffers for one cache chunk of `n` images: fp16 embeddings, ok flags, content hashes, sizes."""
+    return (np.zeros((n, dim), dtype=np.float16), np.zeros(n, dtype=bool),
+            np.zeros((n, HASH_BYTES), dtype=np.uint8), np.zeros((n, 2), dtype=np.int32))

@@ -40,7 +40,7 @@ def prepare(work: Path, pseudo_labels: int) -> dict:
     import torch
 
     from slsd_cli import recipe as recipes
-    from slsd_cli.config import to_dict
+    from slsd_cli.typed_yaml import to_dict
     from slsd_cli.data.lvis import load_annotations
     from slsd_cli.data.synthetic import generate
     from slsd_cli.model.weights import build_detector, save_detector

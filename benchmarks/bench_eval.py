@@ -1,20 +1,32 @@
-"""Benchmark `slsd eval` against the official lvis-api (issue 6), in the same run.
+"""Benchmark `slsd eval` against the official lvis-api (issue 6), both sides timed alike, in one run.
 
 An LVIS-scale synthetic problem: --images images (default 1,000) x --per-image detections (default
 300, LVIS's cap), the 1,203 LVIS v1 categories with their real training image counts and frequency
-groups (../shared/data/lvis_v1_train_cat_info.json), polygon ground truth, RLE detections (jittered
+groups (benchmarks/data/lvis_v1_counts.json), polygon ground truth, RLE detections (jittered
 true positives, mislabelled ones, false positives on verified and unverified classes), negative and
-not-exhaustive category lists. Generated once and cached under --work.
+not-exhaustive category lists. Generated once and cached under --work, with a copy of the
+detections without masks (the box-only file of the end-to-end comparison).
 
-Each evaluator runs in its own fresh process, bbox then segm, from the json files on disk:
-- slsd: read + validate the detections (ids, scores, boxes, every RLE's run lengths), evaluate;
-- lvis-api: LVIS + LVISResults + LVISEval.run() per IoU type (segm given results without `bbox`,
-  as detectron2 passes them, so detection areas are mask areas for both);
-- faster-coco-eval (COCOeval_faster, lvis_style=True; optional second baseline, --no-fce to skip).
-It prints wall and CPU time, peak memory (ru_maxrss of each process), the speed-up over lvis-api
-and the largest difference of any summary number or per-class AP.
+Two comparisons, every side run --repeat times (default 2) in fresh processes, sides interleaved,
+the best run of each side kept:
 
-    python benchmarks/bench_eval.py [--images 1000] [--per-image 300] [--work /tmp/slsd_bench_eval]
+1. kernel (bbox then segm, from the json files on disk, in-process timers):
+   - slsd: `results.read_results` (parse + validate ids, scores, boxes and every RLE's run lengths)
+     and `evaluation.evaluate` per IoU type;
+   - lvis-api: `LVIS(gt)` + `json.load(detections)`, then per IoU type `LVISResults` +
+     `LVISEval.run()`. Per IoU type it is given its own shallow copies of the records without the
+     other geometry (segm without `bbox`, as detectron2 passes them, so detection areas are mask
+     areas for both); making those copies is not timed;
+   - faster-coco-eval (COCOeval_faster, lvis_style=True; optional, --no-fce to skip).
+2. end to end, as a user runs it, on the box-only file (bbox): the command line
+   `python -m slsd_cli eval --detections ... --iou-type bbox` against `python lvis_script.py`, the few
+   lines of lvis-api a user writes (`LVIS`, `LVISResults(gt, path)`, `LVISEval.run`), wall time of the
+   process from start to exit.
+
+The summary numbers and the 1,203 per-class APs of slsd must equal lvis-api's (|diff| <= 1e-12),
+and the end-to-end summaries too: otherwise the benchmark exits with status 1.
+
+    python benchmarks/bench_eval.py [--images 1000] [--per-image 300] [--repeat 2] [--work /tmp/slsd_bench_eval]
 """
 
 from __future__ import annotations
@@ -25,13 +37,17 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-CAT_INFO = Path(__file__).resolve().parents[2] / "shared" / "data" / "lvis_v1_train_cat_info.json"
+from lvis_counts import lvis_categories  # benchmarks/lvis_counts.py, beside this script
+from lvis_reference import lvis_api  # benchmarks/lvis_reference.py: lvis-api under numpy 2
+
 IOU_TYPES = ("bbox", "segm")
+TOLERANCE = 1e-12
 
 
 # ------------------------------------------------------------------ the synthetic problem
@@ -52,7 +68,7 @@ def make_problem(out_dir: Path, num_images: int, per_image: int, seed: int = 0) 
     if gt_path.exists() and dt_path.exists():
         return gt_path, dt_path
     rng = np.random.default_rng(seed)
-    cats = json.loads(CAT_INFO.read_text())
+    cats = lvis_categories()
     categories = [{k: c[k] for k in ("id", "name", "frequency", "image_count", "instance_count")} for c in cats]
     ids = np.array([c["id"] for c in cats])
     counts = np.array([c["image_count"] for c in cats], dtype=np.float64)
@@ -112,7 +128,16 @@ def make_problem(out_dir: Path, num_images: int, per_image: int, seed: int = 0) 
     return gt_path, dt_path
 
 
-# ------------------------------------------------------------------ one evaluator per process
+def boxes_only(dt_path: Path) -> Path:
+    """The detections without their masks (cached next to them)."""
+    out = dt_path.with_name(dt_path.stem + "_boxes.json")
+    if not out.exists():
+        out.write_text(json.dumps([{k: v for k, v in d.items() if k != "segmentation"}
+                                   for d in json.loads(dt_path.read_text())]))
+    return out
+
+
+# ------------------------------------------------------------------ kernel: one evaluator per process
 
 
 def _usage() -> dict:
@@ -121,14 +146,14 @@ def _usage() -> dict:
 
 
 def run_slsd(gt_path: Path, dt_path: Path, max_dets: int) -> dict:
-    from slsd_cli import evaluation
+    from slsd_cli import evaluation, results
     from slsd_cli.data.lvis import load_annotations
 
     t0 = time.perf_counter()
     ann = load_annotations(gt_path)
-    dets = evaluation.load_detections(dt_path, ann)
+    dets = results.read_results(dt_path, ann)
     t1 = time.perf_counter()
-    metrics, phases = {}, {"load_validate_s": t1 - t0}
+    metrics, phases = {}, {"load_s": t1 - t0}
     for iou_type in IOU_TYPES:
         t = time.perf_counter()
         metrics[iou_type] = evaluation.evaluate(ann, dets, iou_types=[iou_type], max_dets=max_dets)[iou_type]
@@ -136,37 +161,41 @@ def run_slsd(gt_path: Path, dt_path: Path, max_dets: int) -> dict:
     return {"wall_s": time.perf_counter() - t0, **phases, **_usage(), "metrics": metrics}
 
 
-def run_lvis_api(gt_path: Path, dt_path: Path, max_dets: int) -> dict:
-    from slsd_cli.evaluation import lvis_api
-
-    lvis = lvis_api()
-    t0 = time.perf_counter()
-    gt = lvis.LVIS(str(gt_path))
-    raw = json.loads(dt_path.read_text())
-    phases = {"load_s": time.perf_counter() - t0}
-    metrics = {}
-    for iou_type in IOU_TYPES:
-        t = time.perf_counter()
-        results = copy.deepcopy(raw)
-        for r in results:
-            r.pop("bbox" if iou_type == "segm" else "segmentation")
-        ev = lvis.LVISEval(gt, lvis.LVISResults(gt, results, max_dets=max_dets), iou_type)
-        ev.params.max_dets = max_dets
-        ev.run()
-        m = {k: float(v) for k, v in ev.get_results().items()}
+def _lvis_metrics(ev, with_per_class: bool = True) -> dict:
+    m = {k: float(v) for k, v in ev.get_results().items()}
+    if with_per_class:
         p = ev.eval["precision"]
         m["per_class"] = {}
         for k, cid in enumerate(ev.params.cat_ids):
             s = p[:, :, k, 0]
             m["per_class"][str(cid)] = float(np.mean(s[s > -1])) if (s > -1).any() else -1.0
-        metrics[iou_type] = m
+    return m
+
+
+def run_lvis_api(gt_path: Path, dt_path: Path, max_dets: int) -> dict:
+    lvis = lvis_api()
+    t0 = time.perf_counter()
+    gt = lvis.LVIS(str(gt_path))
+    raw = json.loads(dt_path.read_text())
+    phases = {"load_s": time.perf_counter() - t0}
+    metrics, untimed = {}, 0.0
+    for iou_type in IOU_TYPES:
+        t = time.perf_counter()
+        drop = "bbox" if iou_type == "segm" else "segmentation"
+        results = [{k: v for k, v in r.items() if k != drop} for r in raw]  # LVISResults adds keys: own dicts
+        untimed += time.perf_counter() - t
+        t = time.perf_counter()
+        ev = lvis.LVISEval(gt, lvis.LVISResults(gt, results, max_dets=max_dets), iou_type)
+        ev.params.max_dets = max_dets
+        ev.run()
         phases[f"{iou_type}_s"] = time.perf_counter() - t
+        metrics[iou_type] = _lvis_metrics(ev)
         del ev, results
-    return {"wall_s": time.perf_counter() - t0, **phases, **_usage(), "metrics": metrics}
+    return {"wall_s": time.perf_counter() - t0 - untimed, **phases, **_usage(), "metrics": metrics}
 
 
 def run_fce(gt_path: Path, dt_path: Path, max_dets: int) -> dict:
-    """faster-coco-eval's LVIS mode; the per-image cap done beforehand as LVISResults does."""
+    """faster-coco-eval's LVIS mode; the per-image cap done beforehand as LVISResults does (timed)."""
     from faster_coco_eval import COCO, COCOeval_faster
     from faster_coco_eval.core import mask as fmask
 
@@ -179,9 +208,13 @@ def run_fce(gt_path: Path, dt_path: Path, max_dets: int) -> dict:
     raw = [raw[i] for i in keep]
     phases = {"load_s": time.perf_counter() - t0}
     metrics = {}
+    untimed = 0.0
     for iou_type in IOU_TYPES:
         t = time.perf_counter()
-        gt = COCO(copy.deepcopy(gt_data))
+        gt_copy = copy.deepcopy(gt_data)  # COCO() takes ownership of the dict: a copy, not timed
+        untimed += time.perf_counter() - t
+        t = time.perf_counter()
+        gt = COCO(gt_copy)
         anns = []
         areas = fmask.area([d["segmentation"] for d in raw]) if iou_type == "segm" else None
         for i, d in enumerate(raw):
@@ -213,7 +246,7 @@ def run_fce(gt_path: Path, dt_path: Path, max_dets: int) -> dict:
         metrics[iou_type] = m
         phases[f"{iou_type}_s"] = time.perf_counter() - t
         del ev, gt, dt, anns
-    return {"wall_s": time.perf_counter() - t0, **phases, **_usage(), "metrics": metrics}
+    return {"wall_s": time.perf_counter() - t0 - untimed, **phases, **_usage(), "metrics": metrics}
 
 
 RUNNERS = {"slsd": run_slsd, "lvis-api": run_lvis_api, "faster-coco-eval": run_fce}
@@ -227,16 +260,57 @@ def _child(name: str, gt_path: Path, dt_path: Path, max_dets: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _max_diff(a: dict, b: dict) -> float:
+def _max_diff(a: dict, b: dict, iou_types=IOU_TYPES) -> float:
     worst = 0.0
-    for iou_type in IOU_TYPES:
+    for iou_type in iou_types:
         for key, value in a[iou_type].items():
             if key == "per_class":
-                for cid, v in value.items():
-                    worst = max(worst, abs(b[iou_type]["per_class"][cid] - v))
+                if "per_class" in b[iou_type]:
+                    for cid, v in value.items():
+                        worst = max(worst, abs(b[iou_type]["per_class"][cid] - v))
             elif key in b[iou_type]:
                 worst = max(worst, abs(b[iou_type][key] - value))
     return worst
+
+
+# ------------------------------------------------------------------ end to end, as a user runs it
+
+LVIS_SCRIPT = """
+import json, sys
+import numpy as np
+if "float" not in np.__dict__:
+    np.float = float  # lvis 0.5.3 under numpy 2
+from lvis import LVIS, LVISEval, LVISResults
+gt = LVIS(sys.argv[1])
+ev = LVISEval(gt, LVISResults(gt, sys.argv[2], max_dets=int(sys.argv[3])), "bbox")
+ev.params.max_dets = int(sys.argv[3])
+ev.run()
+ev.print_results()
+print(json.dumps({k: float(v) for k, v in ev.get_results().items()}))
+"""
+
+
+def end_to_end(name: str, gt_path: Path, dt_path: Path, max_dets: int, out_dir: Path) -> dict:
+    """Wall time of one process, start to exit, and its bbox summary numbers."""
+    if name == "slsd":
+        cmd = [sys.executable, "-m", "slsd_cli", "eval", "--annotations", str(gt_path), "--detections", str(dt_path),
+               "--iou-type", "bbox", "--max-dets", str(max_dets), "--out-dir", str(out_dir), "--force"]
+    else:
+        cmd = [sys.executable, "-c", LVIS_SCRIPT, str(gt_path), str(dt_path), str(max_dets)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} end to end failed:\n{proc.stderr[-3000:]}")
+    if name == "slsd":
+        metrics = json.loads((out_dir / "metrics.json").read_text())["bbox"]
+    else:
+        metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "metrics": {"bbox": metrics}}
+
+
+def _best(runs: list[dict]) -> dict:
+    return min(runs, key=lambda r: r["wall_s"])
 
 
 def main() -> None:
@@ -244,6 +318,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--per-image", type=int, default=300)
     parser.add_argument("--max-dets", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=2, help="runs of every side (the best is kept)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/slsd_bench_eval"))
     parser.add_argument("--no-fce", action="store_true", help="skip the faster-coco-eval baseline")
     parser.add_argument("--child", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
@@ -255,40 +330,59 @@ def main() -> None:
         return
 
     gt_path, dt_path = make_problem(args.work, args.images, args.per_image)
+    box_path = boxes_only(dt_path)
     gt = json.loads(gt_path.read_text())
     freq = {g: sum(c["frequency"] == g for c in gt["categories"]) for g in "rcf"}
     present = {c["category_id"] for c in gt["annotations"]}
     print(f"problem: {len(gt['images']):,} images, {len(gt['annotations']):,} ground-truth instances of "
           f"{len(present)} classes present ({len(gt['categories'])} LVIS classes: r/c/f {freq['r']}/{freq['c']}/"
-          f"{freq['f']}), {args.images * args.per_image:,} detections, bbox + segm, max {args.max_dets} per image")
+          f"{freq['f']}), {args.images * args.per_image:,} detections ({dt_path.stat().st_size / 2**20:.0f} MiB "
+          f"with masks, {box_path.stat().st_size / 2**20:.0f} MiB box-only), max {args.max_dets} per image; "
+          f"every side run {args.repeat}x, interleaved, best kept")
     del gt
-    # slsd runs first and last and keeps its faster run, so that a burst of load from other work on
-    # the machine does not decide the ratio (CPU seconds, also printed, are immune to it)
-    names = ["slsd", "lvis-api"] + ([] if args.no_fce else ["faster-coco-eval"]) + ["slsd"]
-    runs = {}
-    for name in names:
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        result = _child(name, gt_path, dt_path, args.max_dets)
-        if name not in runs or result["wall_s"] < runs[name]["wall_s"]:
-            runs[name] = result
+    failed = []
+
+    names = ["slsd", "lvis-api"] + ([] if args.no_fce else ["faster-coco-eval"])
+    kernel: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.repeat):
+        for name in names:
+            print(f"kernel: running {name} ...", file=sys.stderr, flush=True)
+            kernel[name].append(_child(name, gt_path, dt_path, args.max_dets))
+    runs = {name: _best(r) for name, r in kernel.items()}
     base = runs["lvis-api"]
-    print(f"\n{'evaluator':<18}{'wall s':>9}{'cpu s':>9}{'load s':>9}{'bbox s':>9}{'segm s':>9}{'peak MB':>10}"
-          f"{'x lvis (wall)':>15}{'x lvis (cpu)':>14}{'max |diff|':>12}")
+    print(f"\nkernel (bbox + segm, in-process timers)\n{'evaluator':<18}{'wall s':>9}{'cpu s':>9}{'load s':>9}"
+          f"{'bbox s':>9}{'segm s':>9}{'peak MB':>10}{'x lvis (wall)':>15}{'x lvis (cpu)':>14}{'max |diff|':>12}")
     for name, r in runs.items():
-        load = r.get("load_validate_s", r.get("load_s", 0.0))
         diff = 0.0 if name == "lvis-api" else _max_diff(r["metrics"], base["metrics"])
-        print(f"{name:<18}{r['wall_s']:>9.1f}{r['cpu_s']:>9.1f}{load:>9.1f}{r['bbox_s']:>9.1f}{r['segm_s']:>9.1f}"
+        if name == "slsd" and diff > TOLERANCE:
+            failed.append(f"kernel: slsd differs from lvis-api by {diff:.1e}")
+        print(f"{name:<18}{r['wall_s']:>9.1f}{r['cpu_s']:>9.1f}{r['load_s']:>9.1f}{r['bbox_s']:>9.1f}{r['segm_s']:>9.1f}"
               f"{r['peak_mb']:>10.0f}{base['wall_s'] / r['wall_s']:>15.1f}{base['cpu_s'] / r['cpu_s']:>14.1f}"
               f"{diff:>12.1e}")
-    print("\n(slsd: the faster of two runs, one before and one after the baselines. Its load includes "
-          "validating every record and every RLE's run lengths; lvis-api and faster-coco-eval only parse "
-          "json. max |diff|: over all summary numbers and, where computed, the 1,203 per-class APs, "
-          "against lvis-api.)")
     for iou_type in IOU_TYPES:
         m = runs["slsd"]["metrics"][iou_type]
         print(f"slsd {iou_type}: " + ", ".join(f"{k} {100 * m[k]:.2f}" for k in
                                             ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf",
                                              f"AR@{args.max_dets}")))
+
+    e2e: dict[str, list[dict]] = {"slsd": [], "lvis-api": []}
+    with tempfile.TemporaryDirectory(prefix="slsd-bench-eval-") as tmp:
+        for _ in range(args.repeat):
+            for name in e2e:
+                print(f"end to end: running {name} ...", file=sys.stderr, flush=True)
+                e2e[name].append(end_to_end(name, gt_path, box_path, args.max_dets, Path(tmp)))
+    ours, theirs = _best(e2e["slsd"]), _best(e2e["lvis-api"])
+    diff = _max_diff(ours["metrics"], theirs["metrics"], ("bbox",))
+    if diff > TOLERANCE:
+        failed.append(f"end to end: slsd differs from lvis-api by {diff:.1e}")
+    print(f"\nend to end (process start to exit, box-only file, bbox): slsd eval {ours['wall_s']:.1f} s, "
+          f"lvis-api script {theirs['wall_s']:.1f} s -> {theirs['wall_s'] / ours['wall_s']:.1f}x "
+          f"(max |diff| {diff:.1e}); kernel above: {base['wall_s'] / runs['slsd']['wall_s']:.1f}x wall, "
+          f"{base['cpu_s'] / runs['slsd']['cpu_s']:.1f}x CPU")
+    if failed:
+        print("FAIL: " + "; ".join(failed))
+        raise SystemExit(1)
+    print("outputs equal (kernel: summaries and per-class APs; end to end: summaries)")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
   python benchmarks/bench_model.py cpu [--threads N] [--repeats R]
       CPU forward+backward seconds per image, random data:
       - the tiny recipe detector (ResNet-18-FPN, 64-ch pyramid, 256-d box head, 64 RoIs) at 128^2
-        batch 4 (the step DESIGN §5 timed) and at 256^2 batch 2,
+        batch 4 (the step docs/design.md §4 quotes) and at 256^2 batch 2,
       - EVA-02-B Cascade Mask R-CNN (random init, published head widths) at 512^2,
       each against its bare backbone (forward+backward of the trunk alone) measured in the same run.
 
@@ -67,7 +67,7 @@ def bench_cpu(args) -> None:
           "8 boxes per image")
     g = torch.Generator().manual_seed(0)
     cases = [  # name, config, image size, classes, batch
-        ("tiny recipe (resnet18-FPN 64ch)", tiny_cnn_config(), 128, 80, 4),  # DESIGN §5's step
+        ("tiny recipe (resnet18-FPN 64ch)", tiny_cnn_config(), 128, 80, 4),  # docs/design.md §4's step
         ("tiny recipe (resnet18-FPN 64ch)", tiny_cnn_config(), 256, 80, 2),
         ("EVA-02-B Cascade (random init)", ModelConfig(backbone="eva02_base", image_size=512, drop_path=0.1),
          512, 1203, 2),
@@ -113,7 +113,9 @@ def train_check(args) -> int:
     torch.manual_seed(0)
     counts = (1 + 5000 * torch.rand(args.num_classes, generator=g) ** 4).long().tolist()  # long-tailed
     model = CascadeMaskRCNN(cfg, args.num_classes, counts).to(device).train()
-    opt = torch.optim.AdamW(model.param_groups(lr=1e-4, weight_decay=0.1, layer_decay=0.8), lr=1e-4)
+    from slsd_cli.engine.optim import build_optimizer
+
+    opt = build_optimizer(model, lr=1e-4, weight_decay=0.1, layer_decay=0.8)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"{args.backbone} Cascade Mask R-CNN, {params:.1f} M params, {args.num_classes} classes, "
           f"{args.size}^2, batch {args.batch}, {args.dtype}, grad checkpointing {cfg.grad_checkpointing}, "

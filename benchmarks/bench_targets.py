@@ -1,10 +1,10 @@
 """Benchmark similarity label-smoothing targets (Eq. 2-3) for one training step (issue 3).
 
 2 images x 512 proposals (25 % foreground, as the ROI sampler), C = 1,203 LVIS classes with the real
-LVIS v1 training instance counts (../shared/data/lvis_v1_train_cat_info.json), eps = 0.1,
+LVIS v1 training instance counts (benchmarks/data/lvis_v1_counts.json), eps = 0.1,
 gamma = 1.5, D = 1,024 prototypes (EVA-02 L width). Compared in the same run:
 
-- table: `similarity_targets` once per run, then `proposal_targets(table, labels)` per step (a row
+- table: `similarity_targets` once per run, then `table.index_select(0, labels)` per step (a row
   gather from the [C + 1, C] table: background rows are zero, as for a sigmoid head);
 - batched: Eq. 2-3 recomputed for the batch every step (rows of S for the labels, scaled, softmax);
 - naive: Eq. 2-3 computed per proposal in a Python loop.
@@ -14,17 +14,15 @@ gamma = 1.5, D = 1,024 prototypes (EVA-02 L width). Compared in the same run:
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from slsd_cli.labels.smoothing import (cosine_similarity, proposal_targets, similarity_targets,
-                                       with_background)
+from slsd_cli.labels.smoothing import cosine_similarity, similarity_targets
 
-CAT_INFO = Path(__file__).resolve().parents[2] / "shared" / "data" / "lvis_v1_train_cat_info.json"
+from lvis_counts import lvis_categories  # benchmarks/lvis_counts.py, beside this script
+
 EPS, GAMMA = 0.1, 1.5
 
 
@@ -72,7 +70,7 @@ def batched_targets(sim: torch.Tensor, counts: torch.Tensor, labels: torch.Tenso
 
 
 def main() -> None:
-    cats = json.loads(CAT_INFO.read_text())
+    cats = lvis_categories()
     counts = torch.tensor([c["instance_count"] for c in sorted(cats, key=lambda c: c["id"])])
     c = counts.numel()
     gen = torch.Generator().manual_seed(0)
@@ -83,11 +81,12 @@ def main() -> None:
 
     start = time.perf_counter()
     sim = cosine_similarity(prototypes)
-    table = with_background(similarity_targets(sim, counts, EPS, GAMMA), "sigmoid")
+    table = similarity_targets(sim, counts, EPS, GAMMA)
+    table = torch.cat([table, table.new_zeros(1, c)])  # row C: background, all zero (a sigmoid head)
     setup = time.perf_counter() - start
 
     reference = naive_targets(sim, counts, labels)
-    assert torch.allclose(proposal_targets(table, labels), reference, atol=1e-6)
+    assert torch.allclose(table.index_select(0, labels), reference, atol=1e-6)
     assert torch.allclose(batched_targets(sim, counts, labels), reference, atol=1e-6)
 
     print(f"targets for {labels.numel()} proposals ({int(fg.sum())} foreground), C = {c}")
@@ -95,7 +94,7 @@ def main() -> None:
     default_threads = torch.get_num_threads()
     for threads in sorted({1, default_threads}):
         torch.set_num_threads(threads)
-        t_table = timed(lambda: proposal_targets(table, labels), repeat=50, inner=20)
+        t_table = timed(lambda: table.index_select(0, labels), repeat=50, inner=20)
         t_batched = timed(lambda: batched_targets(sim, counts, labels), repeat=20, inner=2)
         t_naive = timed(lambda: naive_targets(sim, counts, labels), repeat=3)
         print(f"  torch threads {threads}:")

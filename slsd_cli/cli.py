@@ -3,6 +3,7 @@ small function that parses options and calls the library; no logic lives here.""
 
 from __future__ import annotations
 
+import re
 import sys
 
 import click
@@ -18,11 +19,14 @@ _EXITS = tuple({click.exceptions.Exit, typer.Exit})
 _ABORTS = tuple({click.exceptions.Abort, typer.Abort})
 
 from slsd_cli.commands import calibrate as _calibrate
+from slsd_cli.commands import convert as _convert
 from slsd_cli.commands import demo as _demo
 from slsd_cli.commands import distill as _distill
 from slsd_cli.commands import evaluate as _evaluate
 from slsd_cli.commands import plot as _plot
+from slsd_cli.commands import predict as _predict
 from slsd_cli.commands import prototypes as _prototypes
+from slsd_cli.commands import recipe as _recipe
 from slsd_cli.commands import retrieve as _retrieve
 from slsd_cli.commands import split as _split
 from slsd_cli.commands import synth as _synth
@@ -35,16 +39,26 @@ app = typer.Typer(
     "Run `slsd demo` for the whole pipeline on the embedded benchmark.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
 
-_debug = {"on": False}
+def _print_version(value: bool) -> None:
+    if value:
+        from slsd_cli import __version__
+
+        typer.echo(f"slsd {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
-    _debug["on"] = debug
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors (read by `main`)."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print the version and exit."),
+) -> None:
+    """Options for every command (`--debug` is acted on in `main`, before the command runs)."""
 
 
 app.command("synth")(_synth.synth)
@@ -57,8 +71,28 @@ app.command("calibrate")(_calibrate.calibrate)
 app.command("distill", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})(
     _distill.distill)
 app.command("eval")(_evaluate.evaluate)
+app.command("predict")(_predict.predict)
+app.command("convert")(_convert.convert)
 app.add_typer(_plot.app, name="plot")
+app.add_typer(_recipe.app, name="recipe")
 app.command("demo")(_demo.demo)
+
+
+def _first_sentence(doc: str, limit: int = 100) -> str:
+    """The first sentence of a docstring's first paragraph, for `slsd --help` (click's own cut stops at
+    the first '. ', e.g. inside '(Eq. 4)')."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    match = re.search(r"(?<!Eq)(?<!e\.g)(?<!i\.e)\.(\s|$)", paragraph)
+    sentence = paragraph[:match.start() + 1] if match else paragraph
+    return sentence if len(sentence) <= limit else sentence[:limit - 3].rsplit(" ", 1)[0] + "..."
+
+
+for _info in app.registered_commands:
+    if _info.short_help is None and _info.callback is not None and _info.callback.__doc__:
+        _info.short_help = _first_sentence(_info.callback.__doc__)
+for _group in app.registered_groups:  # plot, recipe: their Typer(help=...) text
+    if isinstance(_group.typer_instance.info.help, str):
+        _group.short_help = _first_sentence(_group.typer_instance.info.help)
 
 
 def main(argv: list[str] | None = None) -> int:

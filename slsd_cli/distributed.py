@@ -1,15 +1,18 @@
 """torchrun in a few functions: one process is world size 1, the same code path.
 
-Every heavy command calls `init()` first. Under `torchrun` the process group is created from the
-environment (gloo on CPU, nccl on CUDA); alone, nothing is created and the helpers below become
-no-ops. Results are exchanged as per-rank shard files or small reduced tensors, never gathered.
+Every heavy command runs its work inside `with distributed.session(device) as dist:` (the one place
+that joins and leaves the process group, also on errors). Under `torchrun` the process group is
+created from the environment (gloo on CPU, nccl on CUDA); alone, nothing is created and the helpers
+below become no-ops. Results are exchanged as per-rank shard files or small reduced tensors, never gathered.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -103,3 +106,16 @@ def shard_indices(n: int, rank_: int | None = None, world_size_: int | None = No
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+@contextmanager
+def session(device: str = "auto", timeout_minutes: int = 30) -> Iterator[DistInfo]:
+    """`init()` on entry, `cleanup()` on exit (normal or not): the one init/cleanup site of a command.
+    A process group that existed before the session (a caller's) is left alone."""
+    owned = not is_distributed()
+    info = init(device, timeout_minutes)
+    try:
+        yield info
+    finally:
+        if owned:
+            cleanup()

@@ -8,7 +8,9 @@ file and the offending record so the user can find it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 class InputError(Exception):
@@ -28,3 +30,30 @@ class InputError(Exception):
             parts.append(str(self.record))
         parts.append(self.message)
         return ": ".join(parts)
+
+
+def unwrap_worker_error(exc: InputError) -> InputError:
+    """The one-line error inside an InputError that a DataLoader worker raised.
+
+    torch re-raises a worker's exception in the main process as `InputError("Caught InputError in
+    DataLoader worker process 0.\\nOriginal Traceback ...\\nslsd_cli.errors.InputError: <line>")`;
+    this returns an InputError holding just `<line>` (the file, record and message the worker
+    named). Any other InputError is returned as is. Use: `except InputError as exc: raise
+    unwrap_worker_error(exc) from None`."""
+    if "DataLoader worker" not in exc.message:
+        return exc
+    last = exc.message.strip().splitlines()[-1]
+    prefix = f"{InputError.__module__}.{InputError.__qualname__}: "
+    for name in (prefix, f"{InputError.__qualname__}: "):
+        if last.startswith(name):
+            last = last[len(name):]
+            break
+    return InputError(last)
+
+
+def worker_errors(batches: Iterable[T]) -> Iterator[T]:
+    """Iterate a DataLoader, turning a worker's wrapped InputError back into its one line."""
+    try:
+        yield from batches
+    except InputError as exc:
+        raise unwrap_worker_error(exc) from None

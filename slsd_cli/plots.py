@@ -1,17 +1,22 @@
 """The paper's figures from slsd's output files (matplotlib, Agg; PNG and PDF).
 
 * `reliability_figure` - reliability diagrams side by side, ECE in each title (paper Fig. 3), from
-  calibration.json files (`slsd calibrate`).
+  calibration.json files (`slsd calibrate`); a frequency group with no judged detection reads n/a
+  (its `ece` is null, or 0.0 with `count` 0 in older files).
 * `ap_vs_frequency_figure` - per-class AP against the class's training instance count, log x,
-  coloured by frequency group (Fig. 4), from metrics.json (`slsd eval`) and the training json.
+  coloured by frequency group, with each group's mean AP as a line of the same colour (Fig. 4), from
+  one metrics.json (`slsd eval`) or two (teacher hollow, student filled) and the training json.
 * `label_efficiency_figure` - AP and APr against the labeled fraction, one line per method (Fig. 2),
-  from several metrics.json files.
-* `predictions_figure` - masks, boxes and class names over images (Fig. 5), from a detections json.
+  from several metrics.json files, each with top-level `method` (text) and `labeled_fraction` (0-1)
+  keys unless given on the command line.
+* `predictions_figure` - masks, boxes and class names over images (Fig. 5), one row per detections
+  json (teacher, student), optionally a ground-truth row.
 
 Each builds a `matplotlib.figure.Figure` of a fixed size (no pyplot, no global state); `save_figure`
-writes it as `<stem>.png` and `<stem>.pdf` atomically, refusing existing files unless forced.
-metrics.json holds AP as fractions in [0, 1] (-1 = undefined, the official tools' convention); the
-figures show percent.
+writes it as `<stem>.png` and `<stem>.pdf` atomically, refusing existing files unless forced;
+`write_<kind>` is the whole of `slsd plot KIND` (check outputs, read, draw, save). Panels are named
+after each file's run (`run_label`). metrics.json holds AP as fractions in [0, 1] (-1 = undefined,
+the official tools' convention); the figures show percent, on an axis that never goes below 0.
 """
 
 from __future__ import annotations
@@ -29,16 +34,20 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, NullFormatter
 from pycocotools import mask as mask_utils
 
-from slsd_cli.data.lvis import Annotations, load_image, segmentation_to_rle, validate_results
+from slsd_cli.data.lvis import Annotations, load_image, segmentation_to_rle
 from slsd_cli.errors import InputError
 from slsd_cli.io import atomic_path, check_output, read_json
+from slsd_cli.results import read_results
 
 DPI = 150
 PANEL_IN = 4.0  # reliability / label-efficiency panel side, inches
-GROUP_COLOURS = {"r": "#d62728", "c": "#1f77b4", "f": "#2ca02c"}
+GROUPS = ("r", "c", "f")                   # LVIS frequency groups, in plotting order
+GROUP_COLOURS = {"r": "#d62728", "c": "#1f77b4", "f": "#2ca02c"}  # one colour per group, dots and lines alike
 GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 IOU_TYPES = ("segm", "bbox")
 MAX_PREDICTION_IMAGES = 16
+PREDICTION_PANEL_IN = 3.0  # predictions panel width, inches
+LINE_STYLES = ("-", "--", "-.", ":")  # methods that coincide stay visible
 
 
 def _number(value: Any) -> bool:
@@ -154,8 +163,7 @@ def reliability_figure(calibrations: Sequence[Calibration], labels: Sequence[str
                fill=False, edgecolor="#d62728", hatch="///", lw=0.8, label="gap to mean confidence")
         ax.plot(cal.confidence[used], cal.accuracy[used], "o", color="black", ms=3, label="(confidence, accuracy)")
         title = f"{label}: ECE {cal.ece:.3f}"
-        group_ece = [f"{g} {cal.groups[g]['ece']:.3f}" for g in ("r", "c", "f")
-                     if g in cal.groups and _number(cal.groups[g].get("ece"))]
+        group_ece = [f"{g} {group_ece_text(cal.groups[g])}" for g in GROUPS if g in cal.groups]
         if group_ece:
             title += "\n(" + ", ".join(group_ece) + ")"
         ax.set_title(title, fontsize=10)
@@ -173,8 +181,45 @@ def reliability_figure(calibrations: Sequence[Calibration], labels: Sequence[str
         hist.set_ylim(0, max(float(share.max()), 1e-6) * 1.1)
         hist.text(0.02, 0.9, f"{int(total)} detections", transform=hist.transAxes, ha="left", va="top", fontsize=7)
     handles, names = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=4, fontsize=7, frameon=False)
+    # 4 entries need ~2 panel widths in one row: a single panel puts them on two rows (not clipped)
+    fig.legend(handles, names, loc="outside lower center", ncols=min(4, 2 * n), fontsize=7, frameon=False)
     return fig
+
+
+def group_ece_text(group: dict) -> str:
+    """A frequency group's ECE for a title: 'n/a' when the group had no detection to judge (written
+    as null by `slsd calibrate`; older files wrote 0.0 with `count` 0)."""
+    ece = group.get("ece")
+    if not _number(ece) or group.get("count") == 0 or group.get("classes_with_detections") == 0:
+        return "n/a"
+    return f"{ece:.3f}"
+
+
+GENERIC_FOLDERS = {"", ".", "eval", "evaluation", "calibration", "calibrate", "calib", "metrics", "out",
+                   "output", "outputs", "results", "plots", "figures"}
+
+
+def run_label(path: str | Path) -> str:
+    """The name a figure gives a file: its run (the nearest folder holding model.json, e.g.
+    runs/teacher for runs/teacher/eval/calibration.json), else the nearest folder whose name is not
+    generic ('eval', 'calibration', ...), else the file's stem."""
+    path = Path(path)
+    parents = list(path.resolve().parents)[:4]
+    for folder in parents:
+        if (folder / "model.json").is_file():
+            return folder.name
+    for folder in path.parents:
+        if folder.name not in GENERIC_FOLDERS:
+            return folder.name
+    return path.stem
+
+
+def default_labels(paths: Sequence[str | Path]) -> list[str]:
+    """`run_label` of each file; where two files would get the same name, their paths instead."""
+    labels = [run_label(p) for p in paths]
+    if len(set(labels)) < len(labels):
+        labels = [str(Path(p).with_suffix("")) for p in paths]
+    return labels
 
 
 # ---------------------------------------------------------------- AP vs frequency (Fig. 4)
@@ -214,6 +259,26 @@ def per_class_points(metrics: dict, annotations: Annotations, iou_type: str, pat
                      ) -> tuple[np.ndarray, np.ndarray, list[str], int]:
     """(training instance count, AP, group) of every class with a defined AP, and the number of
     classes whose AP is undefined (-1) or missing."""
+    points = _class_points(metrics, annotations, iou_type, path)
+    xs = np.array([x for x, _, _ in points.values()], dtype=np.float64)
+    ys = np.array([ap for _, ap, _ in points.values()], dtype=np.float64)
+    return xs, ys, [g for _, _, g in points.values()], annotations.num_classes - len(points)
+
+
+def spread_labels(values: Sequence[float], min_gap: float) -> list[float]:
+    """Label positions near `values` (same order) at least `min_gap` apart, so texts never overlap."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    placed = [0.0] * len(values)
+    last = -math.inf
+    for i in order:
+        placed[i] = max(values[i], last + min_gap)
+        last = placed[i]
+    return placed
+
+
+def _class_points(metrics: dict, annotations: Annotations, iou_type: str, path: str | Path
+                  ) -> dict[int, tuple[float, float, str]]:
+    """{category id: (training instance count, AP, group)} of the classes with a defined AP."""
     section = _metric_section(metrics, iou_type, path)
     per_class = section.get("per_class")
     if not isinstance(per_class, dict):
@@ -221,7 +286,7 @@ def per_class_points(metrics: dict, annotations: Annotations, iou_type: str, pat
     index = annotations.category_index
     counts = annotations.instance_counts()
     groups = annotations.frequencies()
-    xs, ys, gs = [], [], []
+    points = {}
     for key, value in per_class.items():
         record = f"{iou_type}.per_class.{key}"
         try:
@@ -231,60 +296,97 @@ def per_class_points(metrics: dict, annotations: Annotations, iou_type: str, pat
         if cid not in index:
             raise InputError(f"category id {cid} is not in {annotations.path}", path=path, record=record)
         ap = _ap_value(value, path, record)
-        if ap is None:
-            continue
-        xs.append(counts[index[cid]])
-        ys.append(ap)
-        gs.append(groups[index[cid]])
-    skipped = annotations.num_classes - len(xs)
-    return np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64), gs, skipped
+        if ap is not None:
+            points[cid] = (float(counts[index[cid]]), ap, groups[index[cid]])
+    return points
 
 
-def ap_vs_frequency_figure(metrics: dict, annotations: Annotations, iou_type: str = "segm",
-                           metrics_path: str | Path = "metrics.json", title: str | None = None,
+def ap_vs_frequency_figure(metrics: dict | Sequence[dict], annotations: Annotations, iou_type: str = "segm",
+                           metrics_path: str | Path | Sequence[str | Path] = "metrics.json",
+                           title: str | None = None, labels: Sequence[str] | None = None,
                            dpi: int = DPI) -> Figure:
     """Per-class AP against the training instance count (log x), coloured r/c/f, with each group's
-    AP (from the metrics' APr/APc/APf where given) as a dashed line."""
-    xs, ys, gs, skipped = per_class_points(metrics, annotations, iou_type, metrics_path)
-    if xs.size == 0:
-        raise InputError(f"no class has a defined {iou_type} AP (all -1)", path=metrics_path)
-    section = metrics[iou_type]
+    mean per-class AP as a dashed line in the same colour (groups from the training json, for dots
+    and lines alike: LVIS's APr/APc/APf definition). Two metrics files (teacher, student: the paper's
+    Fig. 4) draw the first as hollow markers, the second filled, each class joined by a thin line,
+    and label the group lines 'APr first -> second'."""
+    runs = [metrics] if isinstance(metrics, dict) else list(metrics)
+    paths = [metrics_path] if isinstance(metrics_path, (str, Path)) else list(metrics_path)
+    if not 1 <= len(runs) <= 2 or len(paths) != len(runs):
+        raise InputError(f"ap-vs-frequency takes one or two metrics files, got {len(runs)}")
+    labels = list(labels) if labels else [Path(p).parent.name or Path(p).stem for p in paths]
+    if len(labels) != len(runs):
+        raise InputError(f"{len(labels)} labels for {len(runs)} metrics files")
+    points = [_class_points(m, annotations, iou_type, p) for m, p in zip(runs, paths)]
+    for pts, path in zip(points, paths):
+        if not pts:
+            raise InputError(f"no class has a defined {iou_type} AP (all -1)", path=path)
     fig = _new_figure(6.4, 4.4, dpi)
     ax = fig.add_subplot()
-    x_plot = np.maximum(xs, 0.5)  # classes absent from training sit at the left edge, labelled 0
-    groups = np.array(gs)
-    for g in ("r", "c", "f"):
-        sel = groups == g
-        if not sel.any():
+    all_x = np.array([x for pts in points for x, _, _ in pts.values()])
+    x_of = lambda x: max(x, 0.5)  # noqa: E731  classes absent from training sit at the left edge, labelled 0
+    two = len(runs) == 2
+    if two:  # one thin segment per class present in both: how far each class moved
+        for cid in points[0].keys() & points[1].keys():
+            x, a0, g = points[0][cid]
+            ax.plot([x_of(x)] * 2, [100 * a0, 100 * points[1][cid][1]], color=GROUP_COLOURS[g], lw=0.6,
+                    alpha=0.5, zorder=2)
+    group_means: dict[str, list[float | None]] = {g: [] for g in GROUPS}
+    for r, pts in enumerate(points):
+        last = r == len(points) - 1
+        for g in GROUPS:
+            sel = [(x, ap) for x, ap, gg in pts.values() if gg == g]
+            group_means[g].append(float(np.mean([ap for _, ap in sel])) if sel else None)
+            if not sel:
+                continue
+            xs = np.array([x_of(x) for x, _ in sel])
+            ys = 100 * np.array([ap for _, ap in sel])
+            style = ({"color": GROUP_COLOURS[g], "edgecolor": "black"} if last else
+                     {"facecolor": "none", "edgecolor": GROUP_COLOURS[g]})
+            ax.scatter(xs, ys, s=22, alpha=0.85, lw=0.8 if not last else 0.4, zorder=3, **style,
+                       label=f"{GROUP_NAMES[g]} ({len(sel)})" if last else None)
+    texts, heights, colours = [], [], []
+    for g in GROUPS:
+        means = group_means[g]
+        for r, mean in enumerate(means):
+            if mean is not None:
+                ax.axhline(100 * mean, color=GROUP_COLOURS[g], lw=1, alpha=0.8,
+                           ls="--" if r == len(means) - 1 else ":")
+        shown = ["n/a" if m is None else f"{100 * m:.1f}" for m in means]
+        if all(m is None for m in means):
             continue
-        ax.scatter(x_plot[sel], 100 * ys[sel], s=22, color=GROUP_COLOURS[g], alpha=0.8, edgecolor="black", lw=0.4,
-                   label=f"{GROUP_NAMES[g]} ({int(sel.sum())})", zorder=3)
-        group_ap = section.get(f"AP{g}")
-        if _number(group_ap) and 0 <= group_ap <= 1:
-            ax.axhline(100 * group_ap, color=GROUP_COLOURS[g], ls="--", lw=1, alpha=0.8)
-            ax.text(1.01, 100 * group_ap, f"AP{g} {100 * group_ap:.1f}", color=GROUP_COLOURS[g], fontsize=7,
-                    va="center", transform=ax.get_yaxis_transform())
+        texts.append(f"AP{g} {' -> '.join(shown)}")
+        heights.append(100 * next(m for m in reversed(means) if m is not None))
+        colours.append(GROUP_COLOURS[g])
+    for text, y, colour in zip(texts, spread_labels(heights, 6.0), colours):
+        ax.text(1.01, y, text, color=colour, fontsize=7, va="center", transform=ax.get_yaxis_transform())
     ax.set_xscale("log")
-    left = 0.4 if (xs < 1).any() else max(0.8, float(xs.min()) * 0.8)
+    x_plot = np.maximum(all_x, 0.5)
+    left = 0.4 if (all_x < 1).any() else max(0.8, float(all_x.min()) * 0.8)
     ax.set_xlim(left, float(x_plot.max()) * 1.5)
-    if (xs < 1).any():
+    if (all_x < 1).any():
         ticks = [0.5] + [10.0 ** k for k in range(0, int(math.log10(x_plot.max())) + 1)]
         ax.set_xticks(ticks)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: "0" if v < 1 else f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_ylim(0, 100)
+    ax.set_ylim(-1, 101)  # AP is never negative; the margin keeps AP 0 / 100 markers whole
+    ax.set_yticks(range(0, 101, 20))
     ax.set_xlabel("training instances of the class (log scale)")
     ax.set_ylabel(f"{iou_type} AP per class (%)")
-    ap = section.get("AP")
     head = title or f"Per-class {iou_type} AP vs training frequency"
-    if _number(ap) and 0 <= ap <= 1:
-        head += f" (AP {100 * ap:.1f})"
+    aps = [m[iou_type].get("AP") for m in runs]
+    if all(_number(a) and 0 <= a <= 1 for a in aps):
+        head += " (AP " + " -> ".join(f"{100 * a:.1f}" for a in aps) + ")"
+    if two:
+        head += f"\nhollow: {labels[0]}, filled: {labels[1]}"
     ax.set_title(head, fontsize=10)
+    skipped = annotations.num_classes - len(points[-1])
     if skipped:
-        ax.text(0.01, 0.99, f"{skipped} classes without a defined AP not shown", transform=ax.transAxes,
-                fontsize=7, va="top")
+        ax.text(0.01, 0.99, f"{skipped} class{'es' if skipped > 1 else ''} without a defined AP not shown"
+                + (f" ({labels[-1]})" if two else ""), transform=ax.transAxes, fontsize=7, va="top")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right", fontsize=8, title="group (classes)", title_fontsize=8)
+    means = f"dashed: group mean ({labels[1]}), dotted: {labels[0]}" if two else "dashed: group mean"
+    ax.legend(loc="lower right", fontsize=8, title=f"group (classes)\n{means}", title_fontsize=7)
     return fig
 
 
@@ -348,13 +450,15 @@ def label_efficiency_figure(runs: Sequence[Run], iou_type: str = "segm", dpi: in
             mine = sorted((r for r in runs if r.method == method), key=lambda r: r.fraction)
             x = np.array([100 * r.fraction for r in mine])
             y = np.array([np.nan if getattr(r, key) is None else 100 * getattr(r, key) for r in mine])
-            ax.plot(x, y, marker=markers[m % len(markers)], ms=5, lw=1.5, label=method)
+            ax.plot(x, y, marker=markers[m % len(markers)], ms=5, lw=1.5, ls=LINE_STYLES[m % len(LINE_STYLES)],
+                    label=method)
         ax.set_xscale("log")
         ax.set_xticks([100 * f for f in fractions])
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         if len(fractions) == 1:
             ax.set_xlim(100 * fractions[0] / 2, 100 * fractions[0] * 2)
+        ax.set_ylim(bottom=0)  # AP is never negative (matplotlib's margin would show -2%)
         ax.set_xlabel("labeled data (% of the training set)")
         ax.set_ylabel(f"{iou_type} {name} (%)")
         ax.set_title(f"{name} vs labeled fraction", fontsize=10)
@@ -367,8 +471,8 @@ def label_efficiency_figure(runs: Sequence[Run], iou_type: str = "segm", dpi: in
 
 
 def read_detections(path: str | Path, annotations: Annotations) -> list[dict]:
-    path = Path(path)
-    return validate_results(read_json(path), annotations, path)
+    """A detections file, read and validated by the one results reader, as results records."""
+    return read_results(path, annotations).records()
 
 
 def choose_images(detections: list[dict], annotations: Annotations, ids: Sequence[int] | None, score: float,
@@ -432,23 +536,31 @@ def _draw_instances(ax, image: np.ndarray, instances: list[dict], annotations: A
     ax.set_yticks([])
 
 
-def predictions_figure(detections: list[dict], annotations: Annotations, images_dir: str | Path,
-                       image_ids: Sequence[int], score: float = 0.5, show_ground_truth: bool = False,
-                       label: str = "predictions", dpi: int = DPI) -> Figure:
-    """Detections with score >= `score` drawn over each image (mask tint, box, 'name score'); with
-    `show_ground_truth` a second row shows the annotations."""
+def prediction_row_height(annotations: Annotations, image_ids: Sequence[int]) -> float:
+    """Inches per row: panels are PREDICTION_PANEL_IN wide and as tall as the tallest image's aspect
+    needs (0.5-2x the width), so landscape images leave no empty band."""
+    aspect = max(annotations.images[i]["height"] / annotations.images[i]["width"] for i in image_ids)
+    return round(PREDICTION_PANEL_IN * min(2.0, max(0.5, aspect)) + 0.25, 2)  # + the panel title
+
+
+def predictions_figure(detections: list[dict] | Sequence[list[dict]], annotations: Annotations,
+                       images_dir: str | Path, image_ids: Sequence[int], score: float = 0.5,
+                       show_ground_truth: bool = False, label: str | Sequence[str] = "predictions",
+                       dpi: int = DPI) -> Figure:
+    """Detections with score >= `score` drawn over each image (mask tint, box, 'name score'), one row
+    per detections list (e.g. teacher and student: the paper's Fig. 5), one column per image; with
+    `show_ground_truth` a last row shows the annotations."""
+    runs = [detections] if not detections or isinstance(detections[0], dict) else list(detections)
+    names = [label] if isinstance(label, str) else list(label)
+    if len(names) != len(runs):
+        raise InputError(f"{len(names)} labels for {len(runs)} detections files")
     if not 0 <= score <= 1:
         raise InputError(f"--score must be in [0, 1], got {score}")
     if not image_ids:
         raise InputError(f"{annotations.path} has no images")
-    by_image: dict[int, list[dict]] = {i: [] for i in image_ids}
-    for det in detections:
-        if det["image_id"] in by_image and det["score"] >= score:
-            by_image[det["image_id"]].append(det)
-    rows = 2 if show_ground_truth else 1
+    rows = len(runs) + (1 if show_ground_truth else 0)
     n = len(image_ids)
-    panel = 3.0
-    fig = _new_figure(panel * n, panel * rows + 0.3, dpi)
+    fig = _new_figure(PREDICTION_PANEL_IN * n, prediction_row_height(annotations, image_ids) * rows + 0.3, dpi)
     axes = np.array(fig.subplots(rows, n, squeeze=False))
     for j, image_id in enumerate(image_ids):
         path = annotations.image_file(image_id, images_dir)
@@ -457,11 +569,68 @@ def predictions_figure(detections: list[dict], annotations: Annotations, images_
         if image.shape[:2] != (info["height"], info["width"]):
             raise InputError(f"image is {image.shape[1]}x{image.shape[0]}, the annotations say "
                              f"{info['width']}x{info['height']}", path=path, record=f"image {image_id}")
-        dets = sorted(by_image[image_id], key=lambda d: d["score"])  # best drawn last, on top
-        _draw_instances(axes[0, j], image, dets, annotations, show_scores=True)
-        axes[0, j].set_title(f"{label}: image {image_id} ({len(dets)} >= {score:g})", fontsize=7)
+        for r, (dets_all, name) in enumerate(zip(runs, names)):
+            dets = sorted((d for d in dets_all if d["image_id"] == image_id and d["score"] >= score),
+                          key=lambda d: d["score"])  # best drawn last, on top
+            _draw_instances(axes[r, j], image, dets, annotations, show_scores=True)
+            axes[r, j].set_title(f"{name}: image {image_id} ({len(dets)} >= {score:g})", fontsize=7)
         if show_ground_truth:
             gt = [{**a, "score": 1.0} for a in annotations.anns_by_image.get(image_id, [])]
-            _draw_instances(axes[1, j], image, gt, annotations, show_scores=False)
-            axes[1, j].set_title(f"ground truth ({len(gt)})", fontsize=7)
+            _draw_instances(axes[-1, j], image, gt, annotations, show_scores=False)
+            axes[-1, j].set_title(f"ground truth ({len(gt)})", fontsize=7)
     return fig
+
+
+# ---------------------------------------------------------------- one call per `slsd plot KIND`
+
+
+def write_reliability(calibrations: Sequence[Path], labels: Sequence[str] | None, out: Path, force: bool = False,
+                      dpi: int = DPI) -> tuple[Path, Path]:
+    """`slsd plot reliability`: read, draw, save (outputs checked before any reading)."""
+    check_figure_outputs(out, force)
+    names = list(labels) if labels else default_labels(calibrations)
+    figure = reliability_figure([read_calibration(p) for p in calibrations], names, dpi=dpi)
+    return save_figure(figure, out, force)
+
+
+def write_ap_vs_frequency(metrics: Sequence[Path], annotations: Path, out: Path, iou_type: str = "segm",
+                          labels: Sequence[str] | None = None, title: str | None = None, force: bool = False,
+                          dpi: int = DPI) -> tuple[Path, Path]:
+    """`slsd plot ap-vs-frequency` with one or two metrics files."""
+    from slsd_cli.data.lvis import load_annotations
+
+    check_figure_outputs(out, force)
+    if not 1 <= len(metrics) <= 2:
+        raise InputError(f"ap-vs-frequency takes one or two metrics files, got {len(metrics)}")
+    names = list(labels) if labels else default_labels(metrics)
+    figure = ap_vs_frequency_figure([read_metrics(m) for m in metrics], load_annotations(annotations), iou_type,
+                                    metrics_path=list(metrics), title=title, labels=names, dpi=dpi)
+    return save_figure(figure, out, force)
+
+
+def write_label_efficiency(metrics: Sequence[Path], out: Path, methods: Sequence[str] | None = None,
+                           fractions: Sequence[float] | None = None, iou_type: str = "segm", force: bool = False,
+                           dpi: int = DPI) -> tuple[Path, Path]:
+    """`slsd plot label-efficiency`."""
+    check_figure_outputs(out, force)
+    runs = label_efficiency_runs(metrics, methods, fractions, iou_type)
+    return save_figure(label_efficiency_figure(runs, iou_type, dpi=dpi), out, force)
+
+
+def write_predictions(detections: Sequence[Path], annotations: Path, images: Path, out: Path,
+                      ids: Sequence[int] | None = None, score: float = 0.5, max_images: int = 4,
+                      ground_truth: bool = False, labels: Sequence[str] | None = None, force: bool = False,
+                      dpi: int = DPI) -> tuple[Path, Path]:
+    """`slsd plot predictions` with one or two detections files (one row each)."""
+    from slsd_cli.data.lvis import load_annotations
+
+    check_figure_outputs(out, force)
+    if not 1 <= len(detections) <= 2:
+        raise InputError(f"predictions takes one or two detections files, got {len(detections)}")
+    names = list(labels) if labels else default_labels(detections)
+    anns = load_annotations(annotations)
+    runs = [read_detections(d, anns) for d in detections]
+    chosen = choose_images([d for run in runs for d in run], anns, ids, score, max_images)
+    figure = predictions_figure(runs, anns, images, chosen, score=score, show_ground_truth=ground_truth,
+                                label=names, dpi=dpi)
+    return save_figure(figure, out, force)

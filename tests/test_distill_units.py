@@ -102,6 +102,29 @@ def test_recipe_checks():
     validate(recipes.load("synthetic_tiny_distill", base + ["distill.targets=onehot"]))  # onehot needs no Δ
 
 
+def test_start_line_names_the_pseudo_label_rule():
+    """The run's start-up line shows what decides the pseudo-labels: threshold and the score it is
+    applied to, the ignore band, the background rule."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from slsd_cli import recipe as recipes
+    from slsd_cli.distributed import DistInfo
+    from slsd_cli.engine.distill import describe
+
+    recipe = recipes.load("synthetic_tiny_distill", ["distill.threshold=0.6", "distill.threshold_on=corrected",
+                                                     "distill.ignore_low=0.2", "distill.background=teacher"])
+    phase = SimpleNamespace(recipe=recipe, categories=[{"id": 1}] * 3, spec=SimpleNamespace(corrects=True),
+                            labeled=SimpleNamespace(dataset=[0] * 5), unlabeled=SimpleNamespace(dataset=[0] * 7))
+    line = describe(phase, DistInfo(0, 1, 0, torch.device("cpu")))
+    assert "3 classes, 5 labeled + 7 unlabeled images" in line
+    assert "threshold 0.6 on the corrected score, ignore band [0.2, 0.6], background teacher" in line
+    default = recipes.load("synthetic_tiny_distill")
+    line = describe(SimpleNamespace(**{**vars(phase), "recipe": default}), DistInfo(0, 1, 0, torch.device("cpu")))
+    assert f"threshold {default.distill.threshold} on the raw score, ignore band off, background hard" in line
+
+
 @pytest.fixture
 def one_thread():
     threads = torch.get_num_threads()
@@ -111,7 +134,7 @@ def one_thread():
 
 
 def test_unlabeled_image_without_pseudo_labels_gives_finite_background_loss(one_thread):
-    from slsd_cli.model.config import tiny_cnn_config
+    from slsd_cli.model.model_config import tiny_cnn_config
     from slsd_cli.model.detector import CascadeMaskRCNN
 
     torch.manual_seed(0)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from lvis_reference import lvis_api  # benchmarks/lvis_reference.py (pytest's pythonpath)
 from slsd_cli import evaluation
+from slsd_cli import results as results_file
 from slsd_cli.cli import main
 from slsd_cli.data.lvis import load_annotations
 
@@ -143,10 +145,10 @@ def coco_problem(tmp_path_factory):
 @pytest.mark.parametrize("max_dets", [300, 12])
 def test_lvis_equals_lvis_api(lvis_problem, max_dets):
     gt_path, dt_path, gt, dets = lvis_problem
-    lvis = evaluation.lvis_api()
+    lvis = lvis_api()
     ann = load_annotations(gt_path)
     assert ann.protocol == "lvis"
-    ours = evaluation.evaluate(ann, evaluation.load_detections(dt_path, ann), max_dets=max_dets)
+    ours = evaluation.evaluate(ann, results_file.read_results(dt_path, ann), max_dets=max_dets)
     if max_dets == 12:
         assert ours["num_detections_over_max_dets"] > 0  # the per-image cap is exercised
     lvis_gt = lvis.LVIS(str(gt_path))
@@ -174,7 +176,7 @@ def test_coco_equals_pycocotools(coco_problem):
     ann = load_annotations(gt_path)
     assert ann.protocol == "coco"
     assert any(a.get("iscrowd") for a in gt["annotations"])
-    ours = evaluation.evaluate(ann, evaluation.load_detections(dt_path, ann), max_dets=100)
+    ours = evaluation.evaluate(ann, results_file.read_results(dt_path, ann), max_dets=100)
     assert "APr" not in ours["bbox"]
     coco_gt = COCO(str(gt_path))
     for iou_type in ("bbox", "segm"):
@@ -199,7 +201,7 @@ def test_coco_max_dets_is_per_image_and_class(coco_problem):
 
     gt_path, dt_path, gt, dets = coco_problem
     ann = load_annotations(gt_path)
-    ours = evaluation.evaluate(ann, evaluation.load_detections(dt_path, ann), max_dets=3, iou_types=["bbox"])
+    ours = evaluation.evaluate(ann, results_file.read_results(dt_path, ann), max_dets=3, iou_types=["bbox"])
     coco_gt = COCO(str(gt_path))
     ref = COCOeval(coco_gt, coco_gt.loadRes(_reference_input(dets, "bbox")), "bbox")
     ref.params.maxDets = [1, 3, 10]
@@ -217,7 +219,7 @@ def test_per_image_cap_matches_lvis_results():
     scores = np.array([0.5, 0.9, 0.7, 0.5, 0.1, 0.5, 0.9])
     # image 1 keeps 0.9 (#6), 0.7 (#2) and the first 0.5 (#0); image 2 keeps both
     assert evaluation.limit_per_image(image_ids, scores, 3).tolist() == [0, 1, 2, 4, 6]
-    lvis = evaluation.lvis_api()
+    lvis = lvis_api()
     rng = np.random.default_rng(0)
     anns = [{"id": i, "image_id": int(rng.integers(0, 5)), "score": float(rng.integers(0, 6)) / 5}
             for i in range(200)]
@@ -256,8 +258,7 @@ def test_perfect_detections_give_one(tmp_path, protocol, lvis_problem, coco_prob
         assert metrics[iou_type]["AP"] == pytest.approx(1.0)
         defined = [v for v in metrics[iou_type]["per_class"].values() if v != -1]
         assert defined and all(v == pytest.approx(1.0) for v in defined)
-    written = json.loads((tmp_path / "out" / "detections.json").read_text())
-    assert len(written) == metrics["num_detections"]
+    assert not (tmp_path / "out" / "detections.json").exists()  # the input is read in place, not copied
 
 
 def test_no_detections_zero_metrics_and_warning(tmp_path, lvis_problem, capsys):
@@ -272,7 +273,6 @@ def test_no_detections_zero_metrics_and_warning(tmp_path, lvis_problem, capsys):
         values = [metrics[iou_type][k] for k in evaluation.summary_keys("lvis", 300)]
         assert all(v in (0.0, -1.0) for v in values) and metrics[iou_type]["AP"] == 0.0
         assert set(metrics[iou_type]["per_class"].values()) <= {0.0, -1.0}
-    assert json.loads((tmp_path / "out" / "detections.json").read_text()) == []
 
 
 def test_output_needs_force_and_protocol_override(tmp_path, lvis_problem):
@@ -325,8 +325,8 @@ def test_uncompressed_rle_detections_are_accepted(tmp_path, lvis_problem):
     h, w = some[0]["segmentation"]["size"]
     mask = mask_utils.decode(some[0]["segmentation"])
     some[0]["segmentation"] = {"size": [h, w], "counts": _uncompressed(mask)}
-    loaded = evaluation.load_detections(_write(tmp_path, "dt.json", some), ann)
-    assert loaded[0]["segmentation"]["counts"] == dets[0]["segmentation"]["counts"]
+    loaded = results_file.read_results(_write(tmp_path, "dt.json", some), ann)
+    assert loaded.segmentations[0]["counts"] == dets[0]["segmentation"]["counts"]
 
 
 def test_rle_string_check_agrees_with_a_reference_decoder():
@@ -339,7 +339,7 @@ def test_rle_string_check_agrees_with_a_reference_decoder():
         m = (rng.random((h, w)) < rng.random()).astype(np.uint8) if i % 5 else np.full((h, w), i % 2, np.uint8)
         good.append(mask_utils.encode(np.asfortranarray(m))["counts"].decode("ascii"))
         areas.append(h * w)
-    assert evaluation._bad_rle_strings(good, np.array(areas)).size == 0
+    assert results_file._bad_rle_strings(good, np.array(areas)).size == 0
 
     def decode(s):
         counts, p = [], 0
@@ -366,6 +366,6 @@ def test_rle_string_check_agrees_with_a_reference_decoder():
     decoded = [decode(g) for g in garbage]
     totals = np.array([sum(c) if c is not None and min(c) >= 0 else 7 for c in decoded])
     expected = {i for i, c in enumerate(decoded) if c is None or min(c) < 0}
-    assert set(evaluation._bad_rle_strings(garbage, totals).tolist()) == expected
-    assert set(evaluation._bad_rle_strings(garbage, totals + 1).tolist()) == set(range(len(garbage)))
-    assert evaluation._bad_rle_strings(["", "é"], np.array([0, 0])).size >= 1
+    assert set(results_file._bad_rle_strings(garbage, totals).tolist()) == expected
+    assert set(results_file._bad_rle_strings(garbage, totals + 1).tolist()) == set(range(len(garbage)))
+    assert results_file._bad_rle_strings(["", "é"], np.array([0, 0])).size >= 1

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def _write_dataset(root: Path) -> Path:
 
 
 def _save_model(out_dir: Path, seed: int) -> None:
-    from slsd_cli.model.config import tiny_cnn_config
+    from slsd_cli.model.model_config import tiny_cnn_config
     from slsd_cli.model.weights import build_detector, save_detector
 
     torch.manual_seed(seed)
@@ -107,6 +108,8 @@ def test_two_processes_give_the_same_metrics(single_process, setup):
            "--out-dir", str(out), "--max-dets", "20", "--batch-size", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # stderr is a pipe: rank 0 alone prints the plain progress line of the finished inference
+    assert proc.stderr.count("inference 4/4 (100%)") == 1, proc.stderr[-3000:]
     m1, d1 = _load(single_process)
     m2, d2 = _load(out)
     assert d1 == d2
@@ -144,8 +147,9 @@ class _StubDetector(nn.Module):
     def __init__(self):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
+        self.cfg = SimpleNamespace(image_size=32)
 
-    def predict(self, images, image_sizes):
+    def predict(self, images, image_sizes, score_threshold=None, canvas=None):
         out = []
         for h, w in image_sizes:
             n = 7

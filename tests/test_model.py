@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slsd_cli.config import apply_overrides, from_dict, to_dict
+from slsd_cli.typed_yaml import apply_overrides, from_dict, to_dict
 from slsd_cli.errors import InputError
 from slsd_cli.model import (CascadeMaskRCNN, ModelConfig, build_detector, load_detector, paste_masks,
                             save_detector, tiny_cnn_config, tiny_eva_config, to_results)
@@ -19,7 +19,7 @@ from slsd_cli.model.backbone import Backbone, EVA02ViT
 from slsd_cli.model.box_coder import BoxCoder
 from slsd_cli.model.losses import (federated_classes, gather_class_targets, sigmoid_classification_loss,
                                    softmax_classification_loss)
-from slsd_cli.model.matching import match, sample
+from slsd_cli.model.proposal_matching import match, sample
 from test_model_helpers import coco_gt, draw_shapes
 
 SIZE = 128
@@ -165,7 +165,10 @@ def test_backbone_weights_from_local_timm_file(tmp_path):
     assert vit.patch_embed.proj.weight.shape == (64, 3, 16, 16)
     assert torch.allclose(vit.patch_embed.proj.weight, resample_patch_embed(src.patch_embed.proj.weight, [16, 16]))
     assert vit.pos_embed.shape == (1, 64, 64)  # 8 x 8 grid, no class token
-    assert torch.allclose(vit.pos_embed, resample_abs_pos_embed(src.pos_embed, [8, 8], num_prefix_tokens=1)[:, 1:])
+    # plain bicubic from the checkpoint's 16 x 16 grid (no antialiasing, as EVA-02's detector)
+    plain = resample_abs_pos_embed(src.pos_embed, [8, 8], num_prefix_tokens=1, antialias=False)[:, 1:]
+    assert torch.allclose(vit.pos_embed, plain, atol=1e-6)
+    assert not torch.allclose(vit.pos_embed, resample_abs_pos_embed(src.pos_embed, [8, 8], num_prefix_tokens=1)[:, 1:])
     # a .pth holding {"model": state} (as EVA's releases) loads too
     pth = tmp_path / "eva.pth"
     torch.save({"model": src.state_dict()}, pth)
@@ -374,7 +377,8 @@ def test_to_results_pass_results_validation(predictions, data, tmp_path):
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
-    from slsd_cli.data.lvis import Annotations, validate_results
+    from slsd_cli.data.lvis import Annotations
+    from slsd_cli.results import from_records
 
     _, dets, sizes = predictions
     _, targets = data
@@ -390,7 +394,7 @@ def test_to_results_pass_results_validation(predictions, data, tmp_path):
     assert len(results) == sum(len(d["scores"]) for d in dets)
     json.dumps(results)  # json-ready
     annotations = Annotations(path=Path("gt.json"), data=gt, protocol="coco")
-    validate_results(results, annotations, "detections.json")
+    assert len(from_records(results, annotations, "detections.json")) == len(results)  # the results validation
     coco = COCO()
     coco.dataset = gt
     coco.createIndex()
@@ -482,14 +486,16 @@ def test_layer_ids_and_param_groups():
     assert ids["backbone.trunk.patch_embed.proj.weight"] == 0 and ids["backbone.trunk.pos_embed"] == 0
     assert ids["backbone.trunk.blocks.0.norm1.weight"] == 1 and ids["backbone.trunk.blocks.3.mlp.fc2.weight"] == 4
     assert ids["backbone.pyramid.outputs.0.1.weight"] == 5 and ids["roi_heads.stages.2.cls_score.weight"] == 5
-    groups = model.param_groups(lr=1e-3, weight_decay=0.1, layer_decay=0.8)
+    from slsd_cli.engine.optim import param_groups
+
+    groups = param_groups(model, weight_decay=0.1, layer_decay=0.8)
     seen = [id(p) for g in groups for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters()) and len(seen) == len(set(seen))
     by_name = {id(p): n for n, p in model.named_parameters()}
     for g in groups:
-        assert g["lr"] == pytest.approx(1e-3 * 0.8 ** (num_layers + 1 - g["layer_id"]))
         for p in g["params"]:
             name = by_name[id(p)]
+            assert g["lr_scale"] == pytest.approx(0.8 ** (num_layers + 1 - ids[name]))
             if "norm" in name or name.endswith("pos_embed"):
                 assert g["weight_decay"] == 0.0, name
     cnn_ids, cnn_layers = CascadeMaskRCNN(tiny_cnn_config(), 3).layer_ids()
@@ -504,3 +510,18 @@ def test_backbone_feature_map(data):
         with torch.no_grad():
             fmap, s = model.backbone_feature_map(images)
         assert s == stride and fmap.shape == (2, dim, SIZE // stride, SIZE // stride)
+
+
+def test_window_key_mask_is_switchable_for_padded_windows():
+    """A grid that is not a multiple of the window (6 x 6 tokens, window 4): with the mask, padded keys
+    are ignored; without it (detectron2 / EVA-02), the zero padding takes part in attention. On a grid
+    the windows tile exactly both give the same output."""
+    torch.manual_seed(0)
+    masked = EVA02ViT(tiny_eva_config(image_size=96, drop_path=0.0)).eval()
+    plain = EVA02ViT(tiny_eva_config(image_size=96, drop_path=0.0, window_key_mask=False)).eval()
+    plain.load_state_dict(masked.state_dict())
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert not torch.allclose(masked(x), plain(x), atol=1e-4)
+        tiled = torch.randn(1, 3, 128, 128)
+        assert torch.allclose(masked(tiled), plain(tiled), atol=1e-6)

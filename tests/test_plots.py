@@ -140,11 +140,23 @@ def test_predictions(tmp_path, dataset):
     out = tmp_path / "fig5.png"
     assert main(["plot", "predictions", str(det_path), "--images", str(images_dir), "--annotations", str(ann_path),
                  "--ids", "2,1", "--gt", "--out", str(out), "--dpi", str(DPI)]) == 0
-    assert_figure(out, 3.0 * 2, 3.0 * 2 + 0.3)
+    row = 3.0 * 40 / 48 + 0.25  # panels follow the images' aspect (48x40)
+    assert_figure(out, 3.0 * 2, row * 2 + 0.3)
     out = tmp_path / "fig5_auto.png"
     assert main(["plot", "predictions", str(det_path), "--images", str(images_dir), "--annotations", str(ann_path),
                  "--score", "0.75", "--max-images", "1", "--out", str(out), "--dpi", str(DPI)]) == 0
-    assert_figure(out, 3.0, 3.0 + 0.3)
+    assert_figure(out, 3.0, row + 0.3)
+    # two runs (teacher vs student, the paper's Fig. 5): one row each, plus the ground truth
+    student = write(tmp_path / "student.json", dets[:2])
+    out = tmp_path / "fig5_two.png"
+    assert main(["plot", "predictions", str(det_path), str(student), "--labels", "teacher,student", "--images",
+                 str(images_dir), "--annotations", str(ann_path), "--ids", "1,2", "--gt", "--out", str(out),
+                 "--dpi", str(DPI)]) == 0
+    assert_figure(out, 3.0 * 2, row * 3 + 0.3)
+    anns_obj = load_annotations(ann_path)
+    fig = plots.predictions_figure([dets, dets[:2]], anns_obj, images_dir, [1, 2], label=["teacher", "student"])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert (titles[0], titles[2]) == ("teacher: image 1 (2 >= 0.5)", "student: image 1 (2 >= 0.5)")  # row-major
 
 
 def test_bad_input_exits_2(tmp_path, dataset, capsys):
@@ -190,3 +202,66 @@ def test_bad_input_exits_2(tmp_path, dataset, capsys):
                 "--fractions takes numbers", "unknown image id 7", "image id 5", "image file not found"]
     for message, needle in zip(messages, expected):
         assert needle in message, (needle, message)
+
+
+# ------------------------------------------------------------------ issue 13.7: figures as the paper's
+
+
+def test_reliability_names_runs_handles_empty_groups_and_keeps_a_single_legend(tmp_path):
+    """Panel names default to the run (not the `eval` folder); a group with no detection reads n/a
+    (null, or the older 0.0 with count 0); one panel keeps its whole legend inside the figure."""
+    cal = calibration(0.22, 0.2)
+    cal["groups"] = {"r": {"classes": 3, "classes_with_detections": 0, "count": 0, "ece": None},
+                     "c": {"classes": 2, "classes_with_detections": 0, "count": 0, "ece": 0.0},
+                     "f": {"classes": 4, "classes_with_detections": 4, "count": 90, "ece": 0.25}}
+    for run in ("teacher", "student"):
+        (tmp_path / "runs" / run / "eval").mkdir(parents=True)
+        (tmp_path / "runs" / run / "model.json").write_text("{}")
+        write(tmp_path / "runs" / run / "eval" / "calibration.json", cal)
+    files = [tmp_path / "runs" / r / "eval" / "calibration.json" for r in ("teacher", "student")]
+    assert plots.default_labels(files) == ["teacher", "student"]
+    assert plots.run_label(tmp_path / "x" / "eval" / "calibration.json") == "x"  # no model.json: skip 'eval'
+    out = tmp_path / "one.png"
+    assert main(["plot", "reliability", str(files[0]), "--out", str(out), "--dpi", str(DPI)]) == 0
+    assert_figure(out, plots.PANEL_IN, 1.3 * plots.PANEL_IN)
+    fig = plots.reliability_figure([plots.read_calibration(files[0])], ["teacher"], dpi=DPI)
+    assert fig.axes[0].get_title() == "teacher: ECE 0.220\n(r n/a, c n/a, f 0.250)"
+    fig.canvas.draw()
+    legend = fig.legends[0].get_window_extent()
+    box = fig.bbox
+    assert legend.x0 >= box.x0 and legend.x1 <= box.x1 and legend.y0 >= box.y0, "legend clipped"
+
+
+def test_ap_vs_frequency_two_runs_one_group_definition_no_negative_axis(tmp_path, dataset):
+    ann_path, _ = dataset
+    for run in ("teacher", "student"):
+        (tmp_path / run).mkdir()
+    teacher = write(tmp_path / "teacher" / "metrics.json", {
+        "segm": {"AP": 0.3, "APr": 0.9, "APc": 0.3, "APf": 0.5, "per_class": {"1": 0.5, "2": 0.3, "3": 0.0, "4": -1}}})
+    student = write(tmp_path / "student" / "metrics.json", {
+        "segm": {"AP": 0.4, "APr": 0.2, "APc": 0.35, "APf": 0.55,
+                 "per_class": {"1": 0.55, "2": 0.35, "3": 0.2, "4": -1}}})
+    out = tmp_path / "fig4_two.png"
+    assert main(["plot", "ap-vs-frequency", str(teacher), str(student), "--annotations", str(ann_path),
+                 "--out", str(out), "--dpi", str(DPI)]) == 0
+    assert_figure(out, 6.4, 4.4)
+    annotations = load_annotations(ann_path)
+    fig = plots.ap_vs_frequency_figure([json.loads(teacher.read_text()), json.loads(student.read_text())],
+                                       annotations, metrics_path=[teacher, student], labels=["teacher", "student"])
+    ax = fig.axes[0]
+    assert ax.get_ylim()[0] >= -1 and min(ax.get_yticks()) >= 0, "no negative AP axis"
+    texts = {t.get_text(): t for t in ax.texts}
+    # group lines are the mean AP of the dots of that colour (groups from the training json), not the
+    # metrics' APr (0.9 here, computed by eval with other groups): one definition for dots and lines
+    assert "APr 0.0 -> 20.0" in texts and "APc 30.0 -> 35.0" in texts and "APf 50.0 -> 55.0" in texts
+    assert texts["APr 0.0 -> 20.0"].get_color() == plots.GROUP_COLOURS["r"]
+    assert "hollow: teacher, filled: student" in ax.get_title()
+    assert main(["plot", "ap-vs-frequency", str(teacher), str(student), str(student), "--annotations",
+                 str(ann_path), "--out", str(tmp_path / "three.png")]) == 2
+
+
+def test_group_labels_never_overlap():
+    placed = plots.spread_labels([30.0, 31.0, 60.0, 29.5], 6.0)
+    ordered = sorted(placed)
+    assert all(b - a >= 6.0 - 1e-9 for a, b in zip(ordered, ordered[1:]))
+    assert placed[2] == 60.0 and placed[3] == 29.5  # the lowest and a far one stay where they are

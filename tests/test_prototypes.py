@@ -157,8 +157,8 @@ def test_torchrun_two_processes_equal_one(synth, tmp_path, capsys):
 
 
 def test_detector_checkpoint_backbone(synth, tmp_path, capsys):
-    weights = pytest.importorskip("slsd_cli.model.weights")
-    from slsd_cli.model.config import tiny_cnn_config
+    from slsd_cli.model import weights
+    from slsd_cli.model.model_config import tiny_cnn_config
 
     ann = load_annotations(synth / "val.json")
     torch.manual_seed(0)

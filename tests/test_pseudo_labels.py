@@ -1,5 +1,6 @@
-"""Pseudo-labels (engine.pseudo_labels): target modes, Eq. 5, filtering, and alignment of a
-pseudo-label's box and mask with the object in the weak and the strong view."""
+"""Pseudo-labels (labels.pseudo_labels): target modes, Eq. 5 (`calibration_correction`), filtering
+on the raw or the corrected score, the ignore band, and alignment of a pseudo-label's box and mask
+with the object in the weak and the strong view."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from torchvision import tv_tensors
 from torchvision.ops import roi_align
 
 from slsd_cli.data.transforms import WeakStrongTransform
-from slsd_cli.engine.pseudo_labels import (PseudoLabelSpec, class_targets, corrected_probs, pseudo_label_targets,
-                                           to_distribution)
+from slsd_cli.labels.pseudo_labels import (PseudoLabelSpec, calibration_correction, class_targets,
+                                           pseudo_label_targets)
 
 
 def _probs(n: int = 6, c: int = 5, seed: int = 0) -> torch.Tensor:
@@ -25,7 +26,7 @@ def _delta(c: int = 5) -> torch.Tensor:
     return torch.tensor([-0.2, 0.1, -0.05, 0.3, 0.0])[:c]
 
 
-# ------------------------------------------------------------------------------ target modes
+# ------------------------------------------------------------------------------ target modes, Eq. 5
 
 
 def test_onehot_mode_gives_hard_labels():
@@ -53,23 +54,35 @@ def test_lambda_zero_equals_plain_soft_targets():
     labels = probs.argmax(1)
     plain = class_targets(probs, labels, PseudoLabelSpec(targets="soft"))
     for scope in ("all", "predicted"):
-        for softmax in (False, True):
-            p = probs / probs.sum(1, keepdim=True) * 0.8 if softmax else probs  # softmax fg sums to < 1
-            spec = PseudoLabelSpec(targets="soft", delta=_delta(), lam=0.0, scope=scope, softmax=softmax)
-            assert spec.corrects  # goes through Eq. 5, with λ = 0
-            torch.testing.assert_close(corrected_probs(p, spec), p, rtol=0, atol=1e-7)
-            ref = class_targets(p, labels, PseudoLabelSpec(targets="soft", softmax=softmax))
-            torch.testing.assert_close(class_targets(p, labels, spec), ref, rtol=0, atol=1e-6)
+        spec = PseudoLabelSpec(targets="soft", delta=_delta(), lam=0.0, scope=scope)
+        assert spec.corrects  # goes through Eq. 5, with λ = 0
+        assert torch.equal(calibration_correction(probs, _delta(), 0.0, scope).vectors, probs)
+        assert torch.equal(class_targets(probs, labels, spec), plain)
     # and λ > 0 does change them
     spec = PseudoLabelSpec(targets="soft", delta=_delta(), lam=2.0)
     assert not torch.allclose(class_targets(probs, labels, spec), plain)
+
+
+def test_eq5_by_hand():
+    probs = torch.tensor([[0.7, 0.2, 0.05], [0.1, 0.3, 0.6]])
+    delta = torch.tensor([-0.2, 0.1, 0.3])
+    out = calibration_correction(probs, delta, 2.0)
+    torch.testing.assert_close(out.vectors, torch.tensor([[0.3, 0.4, 0.65], [0.0, 0.5, 1.0]]))  # clipped
+    torch.testing.assert_close(out.targets, out.vectors / out.vectors.sum(1, keepdim=True))
+    pred = calibration_correction(probs, delta, 1.0, scope="predicted").vectors
+    torch.testing.assert_close(pred, torch.tensor([[0.5, 0.2, 0.05], [0.1, 0.3, 0.9]]))
+    assert torch.equal(probs, torch.tensor([[0.7, 0.2, 0.05], [0.1, 0.3, 0.6]]))  # input untouched
+    with pytest.raises(ValueError, match="scope"):
+        calibration_correction(probs, delta, 1.0, scope="top")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Δ has 2 classes"):
+        calibration_correction(probs, delta[:2], 1.0)
 
 
 def test_eq5_all_scope_adds_lambda_delta_and_clips():
     probs = _probs()
     spec = PseudoLabelSpec(targets="soft", delta=_delta(), lam=2.0, scope="all")
     expected = (probs + 2.0 * _delta()).clamp(0, 1)
-    torch.testing.assert_close(corrected_probs(probs, spec), expected)
+    torch.testing.assert_close(calibration_correction(probs, _delta(), 2.0).vectors, expected)
     t = class_targets(probs, probs.argmax(1), spec)
     torch.testing.assert_close(t, expected / expected.sum(1, keepdim=True))
 
@@ -77,8 +90,7 @@ def test_eq5_all_scope_adds_lambda_delta_and_clips():
 def test_predicted_scope_changes_only_the_top_class_component():
     probs = _probs(n=8)
     top = probs.argmax(1)
-    spec = PseudoLabelSpec(targets="soft", delta=_delta(), lam=0.5, scope="predicted")
-    out = corrected_probs(probs, spec)
+    out = calibration_correction(probs, _delta(), 0.5, scope="predicted").vectors
     changed = out != probs
     rows = torch.arange(8)
     # every other component is bit-identical
@@ -90,22 +102,25 @@ def test_predicted_scope_changes_only_the_top_class_component():
     assert changed[rows, top][_delta()[top] != 0].all()  # ... and the top one moved where Δ != 0
 
 
-def test_softmax_head_renormalises_with_the_background_column():
+def test_one_normalisation_equals_renormalising_with_the_background_column_first():
+    """A softmax head's background column only rescales a row: renormalising the [C + 1] vector and
+    then its C foreground part gives the single normalisation's target."""
     probs = _probs() / _probs().sum(1, keepdim=True) * 0.7  # foreground mass 0.7, background 0.3
-    spec = PseudoLabelSpec(targets="soft", delta=_delta(), lam=1.0, softmax=True)
     full = torch.cat([probs, 1 - probs.sum(1, keepdim=True)], 1)
     shifted = full.clone()
     shifted[:, :5] += _delta()
     shifted = shifted.clamp(0, 1)
-    expected = (shifted / shifted.sum(1, keepdim=True))[:, :5]
-    torch.testing.assert_close(corrected_probs(probs, spec), expected)
+    two_step = (shifted / shifted.sum(1, keepdim=True))[:, :5]
+    two_step = two_step / two_step.sum(1, keepdim=True)
+    torch.testing.assert_close(calibration_correction(probs, _delta(), 1.0).targets, two_step)
 
 
 def test_all_zero_row_falls_back_to_the_detected_class():
-    vectors = torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.6, 0.2]])
-    out = to_distribution(vectors, torch.tensor([2, 1]))
-    assert torch.equal(out[0], torch.tensor([0.0, 0.0, 1.0]))
-    torch.testing.assert_close(out[1], torch.tensor([0.2, 0.6, 0.2]))
+    probs = torch.tensor([[0.1, 0.05, 0.1], [0.2, 0.6, 0.2]])
+    out = calibration_correction(probs, torch.tensor([-0.5, -0.5, -0.5]), 1.0, fallback=torch.tensor([2, 1]))
+    assert torch.equal(out.vectors[0], torch.zeros(3))
+    assert torch.equal(out.targets[0], torch.tensor([0.0, 0.0, 1.0]))
+    torch.testing.assert_close(out.targets[1], torch.tensor([0.0, 1.0, 0.0]))  # only 0.6 - 0.5 left
 
 
 # ------------------------------------------------------------------------------ filtering, stats
@@ -152,6 +167,91 @@ def test_masks_are_binarised_at_half():
     targets, _ = pseudo_label_targets([det], [(40, 50)], PseudoLabelSpec(threshold=0.5))
     m = targets[0]["masks"][0]
     assert m[3:30, 2:11].sum() == 0 and m[3:30, 11:20].all()  # left half off, right half on (box x 2..20)
+
+
+# ------------------------------------------------------------------------------ threshold_on, ignore band
+
+
+def _rare_and_frequent() -> dict:
+    """Box 0: the rare class 0 at raw score 0.4; box 1: the frequent class 1 at 0.6; box 2: class 2
+    at 0.2; box 3: class 1 at 0.05."""
+    boxes = torch.tensor([[2.0, 3.0, 20.0, 30.0], [10.0, 5.0, 45.0, 38.0], [20.0, 20.0, 40.0, 36.0],
+                          [30.0, 2.0, 48.0, 12.0]])
+    labels = torch.tensor([0, 1, 2, 1])
+    scores = torch.tensor([0.4, 0.6, 0.2, 0.05])
+    probs = torch.full((4, 3), 0.05)
+    probs[torch.arange(4), labels] = scores
+    return {"boxes": boxes, "scores": scores, "labels": labels, "probs": probs,
+            "mask_probs": torch.full((4, 28, 28), 0.8)}
+
+
+DELTA_RCF = torch.tensor([0.1, -0.1, 0.0])  # rare under-confident, frequent over-confident
+
+
+@pytest.mark.parametrize("scope", ["all", "predicted"])
+def test_corrected_threshold_admits_an_under_confident_rare_box_and_drops_an_over_confident_one(scope):
+    spec = dict(targets="soft", threshold=0.5, lam=2.0, delta=DELTA_RCF, scope=scope)
+    groups = ["r", "f", "c"]
+    raw, raw_stats = pseudo_label_targets([_rare_and_frequent()], [(40, 50)], PseudoLabelSpec(**spec), groups=groups)
+    cor, cor_stats = pseudo_label_targets([_rare_and_frequent()], [(40, 50)],
+                                          PseudoLabelSpec(**spec, threshold_on="corrected"), groups=groups)
+    # raw: only the frequent 0.6 box clears 0.5; corrected: 0.4 + 2 * 0.1 = 0.6 (kept), 0.6 - 0.2 = 0.4 (dropped)
+    assert raw[0]["labels"].tolist() == [1]
+    assert cor[0]["labels"].tolist() == [0]
+    torch.testing.assert_close(cor[0]["boxes"], _rare_and_frequent()["boxes"][:1])
+    # the kept box's target is Eq. 5 of its vector, and the label is the corrected vector's arg-max
+    expected = calibration_correction(_rare_and_frequent()["probs"][:1], DELTA_RCF, 2.0, scope).targets
+    torch.testing.assert_close(cor[0]["class_targets"], expected)
+    assert int(cor[0]["class_targets"].argmax()) == 0
+    assert raw_stats.summary()["pl_per_image_r"] == 0.0 and cor_stats.summary()["pl_per_image_r"] == 1.0
+    assert raw_stats.summary()["pl_per_image_f"] == 1.0 and cor_stats.summary()["pl_per_image_f"] == 0.0
+
+
+def test_corrected_threshold_with_lambda_zero_equals_raw():
+    dets = [_detections(5), _rare_and_frequent()]
+    sizes = [(40, 50), (40, 50)]
+    for targets in ("soft", "onehot"):
+        base = dict(targets=targets, threshold=0.5, lam=0.0, delta=DELTA_RCF, ignore_low=0.1)
+        raw, raw_stats = pseudo_label_targets(dets, sizes, PseudoLabelSpec(**base), groups=["r", "c", "f"])
+        cor, cor_stats = pseudo_label_targets(dets, sizes, PseudoLabelSpec(**base, threshold_on="corrected"),
+                                              groups=["r", "c", "f"])
+        for a, b in zip(raw, cor):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert torch.equal(a[key], b[key]), key
+        assert raw_stats.summary() == cor_stats.summary()
+
+
+def test_ignore_band_marks_detections_between_ignore_low_and_the_threshold():
+    det = _rare_and_frequent()
+    off, off_stats = pseudo_label_targets([det], [(40, 50)], PseudoLabelSpec(threshold=0.5), groups=["r", "f", "c"])
+    assert off[0]["ignore_boxes"].shape == (0, 4) and off_stats.summary()["pl_ignore_per_image"] == 0.0
+    on, stats = pseudo_label_targets([det], [(40, 50)], PseudoLabelSpec(threshold=0.5, ignore_low=0.1),
+                                     groups=["r", "f", "c"])
+    # 0.6 is a pseudo-label; 0.4 (rare) and 0.2 (common) are ignore regions; 0.05 is below the band
+    assert on[0]["labels"].tolist() == [1]
+    torch.testing.assert_close(on[0]["ignore_boxes"], det["boxes"][[0, 2]])
+    s = stats.summary()
+    assert (s["pl_ignore_per_image"], s["pl_ignore_per_image_r"], s["pl_ignore_per_image_c"],
+            s["pl_ignore_per_image_f"]) == (2.0, 1.0, 1.0, 0.0)
+    # the pseudo-labels themselves do not depend on the band
+    for key in ("boxes", "labels", "masks", "class_targets", "scores"):
+        assert torch.equal(on[0][key], off[0][key])
+    # on the corrected score the band moves with Δ: the rare box is a pseudo-label, the frequent one
+    # (0.6 - 0.2 = 0.4) an ignore region
+    cor, _ = pseudo_label_targets([det], [(40, 50)], PseudoLabelSpec(threshold=0.5, ignore_low=0.1, lam=2.0,
+                                                                      delta=DELTA_RCF, threshold_on="corrected"))
+    assert cor[0]["labels"].tolist() == [0]
+    torch.testing.assert_close(cor[0]["ignore_boxes"], det["boxes"][[1, 2]])
+
+
+def test_score_floor_lets_predict_keep_every_detection_that_can_matter():
+    assert PseudoLabelSpec(threshold=0.5).score_floor() == pytest.approx(0.5, abs=1e-5)
+    assert PseudoLabelSpec(threshold=0.5, ignore_low=0.1).score_floor() == pytest.approx(0.1, abs=1e-5)
+    spec = PseudoLabelSpec(threshold=0.5, lam=2.0, delta=DELTA_RCF, threshold_on="corrected")
+    assert spec.score_floor() == pytest.approx(0.3, abs=1e-5)  # 0.5 - 2 * max(Δ)
+    with pytest.raises(ValueError, match="ignore_low"):
+        PseudoLabelSpec(threshold=0.5, ignore_low=0.7)
 
 
 # ------------------------------------------------------------------------------ alignment in both views

@@ -57,8 +57,8 @@ def test_timm_random_init_is_seeded_and_weights_file_reproduces_it(tmp_path):
 
 
 def test_slsd_checkpoint_backbone_is_average_pooled(tmp_path):
-    weights = pytest.importorskip("slsd_cli.model.weights")
-    from slsd_cli.model.config import tiny_cnn_config
+    from slsd_cli.model import weights
+    from slsd_cli.model.model_config import tiny_cnn_config
 
     categories = [{"id": 1, "name": "a", "image_count": 3}, {"id": 2, "name": "b", "image_count": 1}]
     torch.manual_seed(0)

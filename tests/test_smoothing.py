@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from slsd_cli.data.lvis import load_annotations
 from slsd_cli.errors import InputError
-from slsd_cli.labels.smoothing import (PrototypeAccumulator, cosine_similarity, load_prototypes, onehot_targets,
-                                       proposal_targets, save_prototypes, similarity_targets, smoothing_distribution,
-                                       target_table, uniform_targets, with_background)
+from slsd_cli.labels.smoothing import (PrototypeAccumulator, cosine_similarity, frequency_modulated_similarity,
+                                       load_prototypes, onehot_targets, prototypes_from_sums, save_prototypes,
+                                       similarity_targets, smoothed_targets, target_table, uniform_targets)
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -80,7 +80,7 @@ def test_huge_counts_make_smoothing_uniform_over_those_columns(problem, gamma):
     huge = torch.zeros(len(counts), dtype=torch.bool)
     huge[::2] = True
     counts = torch.where(huge, torch.full_like(counts, 10**12), counts)
-    s_prime = smoothing_distribution(sim, counts, gamma)
+    s_prime = frequency_modulated_similarity(sim, counts, gamma)
     cols = s_prime[:, huge]
     # S_ij / N_j^gamma ~ 0 for the huge columns: equal mass within each row
     assert torch.allclose(cols, cols[:, :1].expand_as(cols), rtol=1e-6, atol=1e-9)
@@ -132,18 +132,23 @@ def test_eq2_by_hand():
     assert torch.allclose(table[0].double(), torch.tensor([0.9, 0.0], dtype=torch.float64) + eps * row0, atol=1e-7)
 
 
-def test_background_extension_and_row_gather():
-    table = uniform_targets(4, 0.2)
-    soft = with_background(table, "softmax")
-    sig = with_background(table, "sigmoid")
-    labels = torch.tensor([0, 4, 2, 4, 3])
-    t_soft = proposal_targets(soft, labels)
-    t_sig = proposal_targets(sig, labels)
-    assert t_soft.shape == (5, 5) and t_sig.shape == (5, 4)
-    assert torch.equal(t_soft[1], torch.tensor([0.0, 0, 0, 0, 1]))
-    assert torch.equal(t_sig[1], torch.zeros(4))
-    assert torch.equal(t_soft[0, :4], table[0]) and t_soft[0, 4] == 0
-    assert torch.equal(t_sig[2], table[2])
+def test_eq3_rows_mix_onehot_and_s_prime_and_absent_classes_stay_onehot():
+    s_prime = torch.tensor([[0.6, 0.4, 0.0], [0.3, 0.7, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)  # class 2: N = 0
+    table = smoothed_targets(s_prime, 0.25)
+    expected = torch.tensor([[0.75 + 0.15, 0.10, 0.0], [0.075, 0.75 + 0.175, 0.0], [0.0, 0.0, 1.0]])
+    torch.testing.assert_close(table, expected)
+    assert table.dtype == torch.float32
+    # the y~ of Eq. 3 for a one-hot y is its row: (1 - eps) y + eps S' y, with S'y read as row c of S'
+    y = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(table[1].double(), 0.75 * y + 0.25 * (y @ s_prime), atol=1e-7, rtol=0)
+
+
+def test_eq1_prototype_is_the_class_mean():
+    sums = torch.tensor([[2.0, 4.0], [0.0, 0.0], [3.0, -3.0]])
+    counts = torch.tensor([2, 0, 3])
+    protos = prototypes_from_sums(sums, counts)
+    assert protos.dtype == torch.float64
+    torch.testing.assert_close(protos, torch.tensor([[1.0, 2.0], [0.0, 0.0], [1.0, -1.0]], dtype=torch.float64))
 
 
 def test_accumulator_sums_in_pieces_and_means():

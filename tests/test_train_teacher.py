@@ -4,8 +4,10 @@ the loss, DDP equivalence under torchrun, and the CLI's refusals."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +33,8 @@ TINY = ["data.image_size=64", "model.image_size=64", "train.batch_per_process=2"
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    """The synth benchmark at 64 px (4 classes) and a 16-image training subset `train16.json`."""
+    """The synth benchmark at 64 px (4 classes), a 16-image training subset `train16.json` and a
+    4-image evaluation subset `val4.json`."""
     root = tmp_path_factory.mktemp("synth")
     generate(root, classes=4, train_images=255, val_images=20, pool_images=1, image_size=64, seed=0)
     data = json.loads((root / "train.json").read_text())
@@ -40,6 +43,11 @@ def synth(tmp_path_factory) -> Path:
     subset = recount_categories({**data, "images": [i for i in data["images"] if i["id"] in keep],
                                  "annotations": [a for a in data["annotations"] if a["image_id"] in keep]})
     (root / "train16.json").write_text(json.dumps(subset))
+    val = json.loads((root / "val.json").read_text())
+    first4 = set(sorted({a["image_id"] for a in val["annotations"]})[:4])
+    (root / "val4.json").write_text(json.dumps(recount_categories(
+        {**val, "images": [i for i in val["images"] if i["id"] in first4],
+         "annotations": [a for a in val["annotations"] if a["image_id"] in first4]})))
     return root
 
 
@@ -117,6 +125,76 @@ def test_resume_is_bit_exact(synth, straight, tmp_path, monkeypatch):
     assert [x["loss"] for x in _metrics(run)] == [x["loss"] for x in _metrics(straight)]
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _evals(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+
+
+def test_periodic_eval_writes_eval_jsonl_and_best_and_resume_equals_an_unbroken_run(synth, tmp_path, monkeypatch):
+    """eval.every=2 over 4 iterations: evaluations at 2 and 4 through the sharded inference and
+    evaluator of `slsd eval`, RUN/best/ holding the best model. Interrupted during iteration 3
+    (checkpoint and evaluation of 2 on disk) and resumed, the run writes the same evaluations and a
+    byte-identical best/model.safetensors; train.keep_last=1 keeps one periodic checkpoint."""
+    extra = ["train.checkpoint_every=2", "train.keep_last=1", "eval.every=2",
+             f"eval.annotations={synth / 'val4.json'}", "eval.metric=segm/AR@20", "eval.max_dets=20"]
+    unbroken = tmp_path / "unbroken"
+    assert main(_args(synth, unbroken, *extra, iterations=4)) == 0
+    evals = _evals(unbroken)
+    assert [e["iter"] for e in evals] == [2, 4]
+    for e in evals:
+        assert e["metric"] == "segm/AR@20" and e["value"] == e["segm"]["AR@20"]
+        assert {"AP", "APr", "AP50"} <= set(e["bbox"]) and "per_class" not in e["segm"]
+        assert e["time"] > 0 and e["elapsed"] >= 0
+    best = max(evals, key=lambda e: (e["value"], -e["iter"]))
+    assert (evals[-1]["best"], evals[-1]["best_iter"]) == (best["value"], best["iter"])
+    assert (unbroken / "best" / "model.safetensors").is_file() and (unbroken / "best" / "model.json").is_file()
+    assert sorted(p.name for p in (unbroken / "ckpt").iterdir()) == ["iter_0000004.pt", "last.pt"]
+    assert not list(unbroken.glob(".eval_detections*"))
+
+    run = tmp_path / "resumed"
+    original = TeacherPhase.after_step
+
+    def interrupt(self, iteration):
+        original(self, iteration)
+        if iteration == 2:  # the 3rd iteration: checkpoint and evaluation of iteration 2 are on disk
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(TeacherPhase, "after_step", interrupt)
+    assert main(_args(synth, run, *extra, iterations=4)) == 130
+    monkeypatch.setattr(TeacherPhase, "after_step", original)
+    assert [e["iter"] for e in _evals(run)] == [2]
+    assert main(_args(synth, run, *extra, "--resume", iterations=4)) == 0
+    keys = ("iter", "value", "improved", "best", "best_iter", "bbox", "segm")
+    assert [{k: e[k] for k in keys} for e in _evals(run)] == [{k: e[k] for k in keys} for e in evals]
+    assert _sha256(run / "best" / "model.safetensors") == _sha256(unbroken / "best" / "model.safetensors")
+    a, b = _weights(unbroken), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = (run / "log.txt").read_text().splitlines()
+    assert [line.split("iter ")[1].split("/")[0] for line in log] == ["1", "2", "3", "4"]  # appended on resume
+
+
+def test_a_failed_start_leaves_nothing_and_a_rejected_resume_changes_nothing(synth, straight, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_args(synth, run, "--images", str(tmp_path / "missing"))) == 2
+    assert "image folder not found" in capsys.readouterr().err and not run.exists()
+    assert main(_args(synth, run, "eval.every=2", f"eval.annotations={synth / 'val.json'}",
+                      f"eval.images={tmp_path / 'missing'}")) == 2
+    assert "evaluation image folder not found" in capsys.readouterr().err and not run.exists()
+    assert main(_args(synth, run, "eval.every=2", f"eval.annotations={synth / 'val.json'}",
+                      "eval.metric=segm/APx")) == 2
+    assert "segm/APr" in capsys.readouterr().err and not run.exists()
+    # a --resume whose checkpoint does not fit the recipe's model is refused with the run untouched
+    copy = tmp_path / "copy"
+    shutil.copytree(straight, copy)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert main(_args(synth, copy, "model.fpn_channels=32", "--resume")) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
 KILLER = textwrap.dedent("""
     import io, sys, time, torch
     torch.set_num_threads(1)
@@ -129,9 +207,15 @@ KILLER = textwrap.dedent("""
             return real_save(obj, f, *a, **k)
         buffer = io.BytesIO()  # the second checkpoint: write half of it, then wait to be killed
         real_save(obj, buffer)
-        with open(f, "wb") as handle:
-            handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        half = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+        if hasattr(f, "write"):  # a file object (slsd_cli.io wraps the temporary file's handle)
+            handle = getattr(f, "handle", f)
+            handle.write(half)
             handle.flush()
+        else:
+            with open(f, "wb") as handle:
+                handle.write(half)
+                handle.flush()
         open(marker, "w").close()
         time.sleep(300)
 
@@ -183,7 +267,7 @@ def _inject_nan(monkeypatch, calls_with_nan):
 def test_nonfinite_loss_skips_the_step(synth, tmp_path, monkeypatch):
     from slsd_cli import recipe as recipes
     from slsd_cli.data.lvis import load_annotations
-    from slsd_cli.engine.trainer import seed_everything
+    from slsd_cli.engine.seeding import seed_everything
     from slsd_cli.model.weights import build_detector
 
     run = tmp_path / "run"

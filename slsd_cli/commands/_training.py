@@ -3,8 +3,6 @@ the closing report. Not a subcommand (the leading underscore keeps it out of the
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from slsd_cli.errors import InputError
@@ -20,21 +18,13 @@ def check_choice(option: str, value: str | None, choices: Sequence[str]) -> None
         raise InputError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _yaml_value(value: Any) -> str:
-    """A flag value as yaml text for an override (a path stays a string, even '1e-4' or 'null')."""
-    if isinstance(value, Path):
-        return json.dumps(str(value))
-    return str(value)
-
-
 def load_recipe(recipe: str, overrides: Sequence[str], flags: dict[str, Any]) -> Recipe:
     """The recipe `recipe` (file or packaged name) with `key=value` overrides, then the flags that
-    were given (`{recipe key: value or None}`, in that order): a flag wins over an override."""
+    were given (`{recipe key: value or None}`, set as typed values): a flag wins over an override."""
     from slsd_cli import recipe as recipes
+    from slsd_cli.typed_yaml import apply_flags
 
-    items = list(overrides)
-    items += [f"{key}={_yaml_value(value)}" for key, value in flags.items() if value is not None]
-    return recipes.load(recipe, items)
+    return apply_flags(recipes.load(recipe, list(overrides)), flags)
 
 
 def trained_line(result: TrainResult) -> str:

@@ -29,6 +29,8 @@ def calibrate(
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16,
                                              help="With --checkpoint: test size (default: the model's)."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Images per batch (with --checkpoint)."),
+    amp: str = typer.Option("auto", "--amp", help="Inference precision with --checkpoint: auto (bf16 on CUDA, "
+                                                  "fp32 on CPU), fp32, bf16 or fp16."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
 ) -> None:
     """Measure per-class calibration (CCECE, Eq. 4) and ECE of a detector on held-out data.
@@ -39,7 +41,7 @@ def calibrate(
 
     Example: slsd calibrate --annotations holdout.json --detections runs/teacher/detections.json --out calibration.json
     """
-    from slsd_cli import distributed
+    from slsd_cli import results
     from slsd_cli.data.lvis import load_annotations
     from slsd_cli.labels import calibration
 
@@ -59,15 +61,15 @@ def calibrate(
     loaded = time.perf_counter()
     main_process = True
     if detections is not None:
-        dets = calibration.load_detections(detections, ann, iou_type=iou_type)
+        dets = results.read_results(detections, ann, masks=iou_type == "segm")  # no torch on this path
         source = str(detections)
     else:  # inference runs sharded under torchrun; every rank gets the detections, rank 0 writes
-        dist = distributed.init()
-        main_process = dist.is_main
-        try:
-            dets = _run_checkpoint(checkpoint, ann, images, iou_type, batch_size, model_kind, image_size, dist.device)
-        finally:
-            distributed.cleanup()
+        from slsd_cli import distributed
+
+        with distributed.session() as dist:
+            main_process = dist.is_main
+            dets = _run_checkpoint(checkpoint, ann, images, iou_type, batch_size, model_kind, image_size, dist.device,
+                                   amp)
         source = f"checkpoint:{checkpoint} ({model_kind})"
     if not main_process:
         return
@@ -78,22 +80,20 @@ def calibrate(
     result = {**result, "annotations": str(annotations), "source": source}
     calibration.write_calibration(out, result, force=force)
     done = time.perf_counter()
-    groups = result["groups"]
+    deltas = " / ".join(f"{g} " + ("n/a" if (d := result["groups"][g]["mean_delta"]) is None else f"{d:+.4f}")
+                        for g in ("r", "c", "f"))  # n/a: no detection of the group judged
     info(f"calibration: {result['judged']:,} of {result['detections']:,} detections judged "
          f"({result['unverified']:,} on unverified classes, {result['ignored']:,} ignored), "
-         f"ECE {result['ece']:.4f}; mean Delta r {groups['r']['mean_delta']:+.4f} / c {groups['c']['mean_delta']:+.4f}"
-         f" / f {groups['f']['mean_delta']:+.4f} -> {out}")
+         f"ECE {result['ece']:.4f}; mean Delta {deltas} -> {out}")
     info(f"time: annotations {loaded - started:.1f} s, detections {read - loaded:.1f} s, "
          f"compute and write {done - read:.1f} s")
 
 
 def _run_checkpoint(checkpoint: Path, ann, images: Path, iou_type: str, batch_size: int, model_kind: str,
-                    image_size: int | None, device) -> calibration.Detections:
+                    image_size: int | None, device, amp: str = "auto") -> "results.Detections":
     """Detections of an slsd detector run over the annotations' images (slsd_cli.inference)."""
-    from slsd_cli.labels import calibration
+    from slsd_cli import inference, results
 
-    from slsd_cli import inference
-
-    results = inference.predict_results(checkpoint, ann, images, batch_size=batch_size, image_size=image_size,
-                                        model_kind=model_kind, device=device)
-    return calibration.detections_from_results(results, ann, iou_type, path=f"checkpoint:{checkpoint}")
+    records = inference.predict_results(checkpoint, ann, images, batch_size=batch_size, image_size=image_size,
+                                        model_kind=model_kind, device=device, amp=amp)
+    return results.from_records(records, ann, f"checkpoint:{checkpoint}", masks=iou_type == "segm")

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from slsd_cli.progress import info
+from slsd_cli.recipe import DISTILL_RECIPES, flag_help
 
 TARGET_MODES = ("onehot", "soft")
 SCOPES = ("all", "predicted")
@@ -19,54 +20,57 @@ def distill(
                                            "lvis_eva02_L_distill."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides key.sub=value, e.g. "
                                                               "train.iterations=100 distill.threshold=0.6."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher run dir (or its model.safetensors): "
-                                                                   "student and EMA teacher start from it."),
+    teacher: Optional[Path] = typer.Option(None, "--checkpoint", help="The teacher: a run dir of `slsd "
+                                                                      "train-teacher` (or its model.safetensors); "
+                                                                      "student and EMA teacher start from it."),
+    teacher_alias: Optional[Path] = typer.Option(None, "--teacher", hidden=True, help="Old spelling of --checkpoint."),
     unlabeled: Optional[Path] = typer.Option(None, "--unlabeled", help="Unlabeled image list (unlabeled.json "
                                                                        "from `slsd retrieve`)."),
     unlabeled_images: Optional[Path] = typer.Option(None, "--unlabeled-images", help="Folder of the unlabeled "
-                                                                                     "images (default: images/ "
-                                                                                     "beside the json)."),
+                                                                                     "images (default: the one "
+                                                                                     "`slsd retrieve` recorded in "
+                                                                                     "the json, else images/ "
+                                                                                     "beside it)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="calibration.json from `slsd "
                                                                            "calibrate` (Δ of Eq. 5)."),
     out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Student run directory."),
-    targets: Optional[str] = typer.Option(None, "--targets", help="Pseudo-label class targets: onehot or soft "
-                                                                  "(distill.targets)."),
-    lam: Optional[float] = typer.Option(None, "--lambda", help="Calibration correction λ of Eq. 5 "
-                                                               "(distill.lam; 0 = plain soft targets)."),
-    correction_scope: Optional[str] = typer.Option(None, "--correction-scope", help="Correct every class "
-                                                                                    "component (all) or the "
-                                                                                    "detected class only "
-                                                                                    "(predicted)."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Pseudo-label score threshold "
-                                                                        "(distill.threshold)."),
-    unsup_weight: Optional[float] = typer.Option(None, "--unsup-weight", help="Weight of the unlabeled images' "
-                                                                              "losses (distill.unsup_weight)."),
-    ema: Optional[float] = typer.Option(None, "--ema", help="EMA decay of the teacher (distill.ema)."),
+    targets: Optional[str] = typer.Option(None, "--targets", help=flag_help("distill.targets", "Pseudo-label class targets.", DISTILL_RECIPES)),
+    lam: Optional[float] = typer.Option(None, "--lambda", help=flag_help("distill.lam", "Calibration correction λ of Eq. 5 (0 = plain soft "
+                                                                        "targets).", DISTILL_RECIPES)),
+    correction_scope: Optional[str] = typer.Option(None, "--correction-scope", help=flag_help(
+        "distill.correction_scope", "Correct every class component (all) or the detected class only (predicted).", DISTILL_RECIPES)),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help=flag_help("distill.threshold", "Pseudo-label score threshold.", DISTILL_RECIPES)),
+    unsup_weight: Optional[float] = typer.Option(None, "--unsup-weight", help=flag_help(
+        "distill.unsup_weight", "Weight of the unlabeled images' losses.", DISTILL_RECIPES)),
+    ema: Optional[float] = typer.Option(None, "--ema", help=flag_help("distill.ema", "EMA decay of the teacher.", DISTILL_RECIPES)),
     train_json: Optional[Path] = typer.Option(None, "--train-json", help="Labeled annotations (data.train_json; "
                                                                          "default: the teacher run's)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Labeled image folder (data.images)."),
     prototypes: Optional[Path] = typer.Option(None, "--prototypes", help="prototypes.safetensors for the labeled "
                                                                          "images' smoothing (default: the "
                                                                          "teacher run's)."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Training iterations (train.iterations)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (train.seed)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help=flag_help("train.iterations", "Training iterations.", DISTILL_RECIPES)),
+    seed: Optional[int] = typer.Option(None, "--seed", help=flag_help("train.seed", "Random seed.", DISTILL_RECIPES)),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN2 from RUN2/ckpt/last.pt when it exists "
                                                         "(else start); safe under torchrun --max-restarts."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run in --out-dir."),
 ) -> None:
     """Distil a teacher into a student on labeled + unlabeled images (EMA teacher, soft pseudo-labels).
 
-    Example: slsd distill synthetic_tiny_distill --teacher runs/teacher --unlabeled synth/pool.json
+    Example: slsd distill synthetic_tiny_distill --checkpoint runs/teacher --unlabeled synth/pool.json
     --calibration calibration.json --out-dir runs/student
 
     Multi-GPU: torchrun --nproc_per_node 8 --no-python slsd distill lvis_eva02_L_distill ...
     """
     from slsd_cli.commands._training import check_choice, load_recipe, trained_line
     from slsd_cli.engine import distill as engine
+    from slsd_cli.errors import InputError
 
     check_choice("--targets", targets, TARGET_MODES)
     check_choice("--correction-scope", correction_scope, SCOPES)
-    flags = {"distill.teacher": teacher, "distill.unlabeled": unlabeled, "distill.unlabeled_images": unlabeled_images,
+    if teacher is not None and teacher_alias is not None and teacher != teacher_alias:
+        raise InputError("--checkpoint and --teacher (its old spelling) name different runs; give one")
+    flags = {"distill.teacher": teacher or teacher_alias, "distill.unlabeled": unlabeled, "distill.unlabeled_images": unlabeled_images,
              "distill.calibration": calibration, "distill.targets": targets, "distill.lam": lam,
              "distill.correction_scope": correction_scope, "distill.threshold": threshold,
              "distill.unsup_weight": unsup_weight, "distill.ema": ema, "data.train_json": train_json,

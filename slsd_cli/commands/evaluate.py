@@ -18,7 +18,8 @@ METRICS_NAME = "metrics.json"
 
 def evaluate(
     annotations: Path = typer.Option(..., "--annotations", help="Ground truth: LVIS v1 or COCO instances json."),
-    out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Folder for detections.json and metrics.json."),
+    out_dir: Path = typer.Option(..., "--out-dir", "-o",
+                                 help="Folder for metrics.json (and, with --checkpoint, detections.json)."),
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="An slsd run directory (or model.safetensors) to run over --images."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder (with --checkpoint)."),
@@ -36,17 +37,20 @@ def evaluate(
     image_size: Optional[int] = typer.Option(
         None, "--image-size", min=1, help="Test size: longest image edge (default: the model's image_size)."),
     workers: int = typer.Option(0, "--workers", min=0, help="Image-loading worker processes per rank."),
+    amp: str = typer.Option("auto", "--amp", help="Inference precision with --checkpoint: auto (bf16 on CUDA, "
+                                                  "fp32 on CPU), fp32, bf16 or fp16."),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
 ) -> None:
     """Score detections with the official LVIS (LVISEval) or COCO (COCOeval) protocol — the same
-    numbers, computed much faster — and write detections.json and metrics.json.
+    numbers, computed much faster — and write metrics.json (with --checkpoint, also the model's
+    detections.json). A --detections file is read in place, not copied.
 
     With --checkpoint, inference runs sharded under torchrun (each rank writes a shard, rank 0
     merges them), e.g. torchrun --nproc_per_node 8 --no-python slsd eval ...
 
     Example: slsd eval --annotations val.json --checkpoint runs/student --images images --out-dir runs/student/eval
     """
-    from slsd_cli import distributed, evaluation
+    from slsd_cli import evaluation, results
     from slsd_cli.data.lvis import load_annotations
 
     started = time.perf_counter()
@@ -57,40 +61,37 @@ def evaluate(
     if protocol is not None and protocol not in ("lvis", "coco"):
         raise InputError(f"--protocol must be lvis or coco, got {protocol!r}")
     iou_types = _parse_iou_types(iou_type)
-    dist = distributed.init()
     det_out, metrics_out = out_dir / DETECTIONS_NAME, out_dir / METRICS_NAME
-    check_output(det_out, force)
-    check_output(metrics_out, force)
-    ann = load_annotations(annotations)
-    protocol = protocol or ann.protocol
-
     if checkpoint is not None:
-        from slsd_cli import inference
-
-        net, meta = inference.load_model(checkpoint, model, dist.device)
-        size = image_size or int(meta.get("model", {}).get("image_size", 1024))
-        inference.predict_to_results(net, ann, images, det_out, image_size=size, batch_size=batch_size,
-                                     max_dets=max_dets, category_ids=[c["id"] for c in meta["categories"]],
-                                     num_workers=workers)
-        source, det_path = f"checkpoint:{checkpoint} ({model})", det_out
-    else:
+        check_output(det_out, force)
+    check_output(metrics_out, force)
+    if detections is not None:  # scoring a file needs neither torch nor a process group
+        ann = load_annotations(annotations)
         source, det_path = str(detections), detections
-    if not dist.is_main:
-        return
+    else:
+        from slsd_cli import distributed, inference
+
+        with distributed.session() as dist:
+            ann = load_annotations(annotations)
+            predictor = inference.load_predictor(checkpoint, model, dist.device, image_size=image_size, amp=amp)
+            inference.predict_to_results(predictor, ann, images, det_out, batch_size=batch_size,
+                                         max_dets=max_dets, num_workers=workers)
+        if not dist.is_main:
+            return
+        source, det_path = f"checkpoint:{checkpoint} ({model})", det_out
+    protocol = protocol or ann.protocol
     inferred = time.perf_counter()
-    dets = evaluation.load_detections(det_path, ann)
+    dets = results.read_results(det_path, ann, masks=iou_types is None or "segm" in iou_types)
     if iou_types is None:
         iou_types = evaluation.default_iou_types(dets)
         if iou_types == ("bbox",):
             info("detections carry no masks: evaluating bbox only")
-    if not dets:
+    if not len(dets):
         warn(f"no detections in {det_path}: every AP is 0")
     metrics = evaluation.evaluate(ann, dets, protocol=protocol, iou_types=iou_types, max_dets=max_dets,
                                   path=det_path)
-    evaluated = time.perf_counter()
-    if checkpoint is None:
-        evaluation.write_results(det_out, evaluation.capped(dets, protocol, max_dets))
     del dets
+    evaluated = time.perf_counter()
     metrics = {**metrics, "annotations": str(annotations), "source": source}
     atomic_write_json(metrics_out, metrics, indent=1)
     if metrics["num_detections_over_max_dets"]:
@@ -103,7 +104,7 @@ def evaluate(
 
 
 def _parse_iou_types(value: str | None) -> tuple[str, ...] | None:
-    from slsd_cli import distributed, evaluation
+    from slsd_cli import evaluation
 
     if value is None:
         return None
@@ -121,7 +122,8 @@ def print_metrics(metrics: dict, iou_types: tuple[str, ...]) -> None:
     """A rich table: one row per summary number, one column per IoU type (AP in %, '-' = undefined)."""
     from rich.console import Console
     from rich.table import Table
-    from slsd_cli import distributed, evaluation
+
+    from slsd_cli import evaluation
 
     protocol, max_dets = metrics["protocol"], metrics["max_dets"]
     table = Table(title=f"{protocol.upper()} AP (%)",

@@ -1,4 +1,5 @@
-"""`slsd plot KIND`: the paper's figures (PNG + PDF) from slsd's output files (slsd_cli/plots.py)."""
+"""`slsd plot KIND`: the paper's figures (PNG + PDF) from slsd's output files. Each command parses its
+options and makes one call, `plots.write_<kind>(...)` (slsd_cli/plots.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import typer
 from slsd_cli.errors import InputError
 from slsd_cli.progress import info
 
-app = typer.Typer(help="Figures of the paper (PNG and PDF): reliability, ap-vs-frequency, label-efficiency, "
+app = typer.Typer(rich_markup_mode=None, help="Figures of the paper (PNG and PDF): reliability, ap-vs-frequency, label-efficiency, "
                        "predictions.", no_args_is_help=True)
 
 OUT_HELP = "Output figure; FIG.png and FIG.pdf are written (same stem)."
@@ -56,7 +57,8 @@ def _done(paths: tuple[Path, Path]) -> None:
 def reliability(
     calibrations: List[Path] = typer.Argument(..., help="calibration.json files (slsd calibrate), one panel each."),
     labels: Optional[List[str]] = typer.Option(None, "--labels", help="Panel labels, comma-separated "
-                                                                      "[default: the files' parent folder names]."),
+                                                                      "(default: each file's run folder, e.g. "
+                                                                      "teacher for runs/teacher/eval/calibration.json)."),
     out: Path = typer.Option(..., "--out", help=OUT_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     dpi: int = typer.Option(150, "--dpi", help=DPI_HELP),
@@ -67,17 +69,17 @@ def reliability(
     """
     from slsd_cli import plots
 
-    plots.check_figure_outputs(out, force)
-    names = _split_list(labels, "--labels") or [p.parent.name or p.stem for p in calibrations]
-    figure = plots.reliability_figure([plots.read_calibration(p) for p in calibrations], names, dpi=dpi)
-    _done(plots.save_figure(figure, out, force))
+    _done(plots.write_reliability(calibrations, _split_list(labels, "--labels"), out, force, dpi))
 
 
 @app.command("ap-vs-frequency")
 def ap_vs_frequency(
-    metrics: Path = typer.Argument(..., help="metrics.json (slsd eval)."),
+    metrics: List[Path] = typer.Argument(..., help="metrics.json (slsd eval); two files (teacher, student) are "
+                                                   "drawn together, the first hollow, the second filled."),
     annotations: Path = typer.Option(..., "--annotations", help="The training json the model saw (instance counts, "
                                                                 "frequency groups)."),
+    labels: Optional[List[str]] = typer.Option(None, "--labels", help="Run names, comma-separated (default: each "
+                                                                      "file's run folder)."),
     iou_type: str = typer.Option("segm", "--iou-type", help="segm or bbox."),
     title: Optional[str] = typer.Option(None, "--title", help="Figure title."),
     out: Path = typer.Option(..., "--out", help=OUT_HELP),
@@ -86,22 +88,20 @@ def ap_vs_frequency(
 ) -> None:
     """Per-class AP against training instance count (log x), coloured by r/c/f (the paper's Fig. 4).
 
-    Example: slsd plot ap-vs-frequency runs/student/metrics.json --annotations data/train.json --out fig4.png
+    Example: slsd plot ap-vs-frequency runs/teacher/eval/metrics.json runs/student/eval/metrics.json --annotations data/train.json --out fig4.png
     """
     from slsd_cli import plots
 
-    from slsd_cli.data.lvis import load_annotations
-
-    plots.check_figure_outputs(out, force)
-    data = plots.read_metrics(metrics)
-    figure = plots.ap_vs_frequency_figure(data, load_annotations(annotations), iou_type, metrics_path=metrics,
-                                          title=title, dpi=dpi)
-    _done(plots.save_figure(figure, out, force))
+    _done(plots.write_ap_vs_frequency(metrics, annotations, out, iou_type, _split_list(labels, "--labels"), title,
+                                      force, dpi))
 
 
 @app.command("label-efficiency")
 def label_efficiency(
-    metrics: List[Path] = typer.Argument(..., help="metrics.json files, one per (method, labeled fraction)."),
+    metrics: List[Path] = typer.Argument(..., help="metrics.json files of `slsd eval`, one per (method, labeled "
+                                                   "fraction); each names its method and fraction in top-level "
+                                                   "keys 'method' (text) and 'labeled_fraction' (0-1), or see "
+                                                   "--methods / --fractions."),
     methods: Optional[List[str]] = typer.Option(None, "--methods", help="Method of each file, comma-separated "
                                                                         "[default: each file's 'method' key]."),
     fractions: Optional[List[str]] = typer.Option(None, "--fractions", help="Labeled fraction of each file, e.g. "
@@ -113,43 +113,45 @@ def label_efficiency(
 ) -> None:
     """AP and APr against the labeled fraction, one line per method (the paper's Fig. 2).
 
+    Input: metrics.json files as `slsd eval` writes them, with two extra top-level keys, e.g.
+    {"method": "similarity", "labeled_fraction": 0.05, "segm": {"AP": 0.21, "APr": 0.08, ...}, ...};
+    AP values are fractions in [0, 1], -1 = undefined (drawn as a gap). Without the keys, give
+    --methods and --fractions in the order of the files.
+
     Example: slsd plot label-efficiency runs/*/metrics.json --out fig2.png
+
+    Example: slsd plot label-efficiency a/metrics.json b/metrics.json --methods one-hot,similarity --fractions 0.05,0.05 --out fig2.png
     """
     from slsd_cli import plots
 
-    plots.check_figure_outputs(out, force)
-    runs = plots.label_efficiency_runs(metrics, _split_list(methods, "--methods"), _floats(fractions, "--fractions"),
-                                       iou_type)
-    _done(plots.save_figure(plots.label_efficiency_figure(runs, iou_type, dpi=dpi), out, force))
+    _done(plots.write_label_efficiency(metrics, out, _split_list(methods, "--methods"), _floats(fractions, "--fractions"),
+                                       iou_type, force, dpi))
 
 
 @app.command("predictions")
 def predictions(
-    detections: Path = typer.Argument(..., help="detections.json (LVIS/COCO results, RLE masks; slsd eval)."),
+    detections: List[Path] = typer.Argument(..., help="detections.json (LVIS/COCO results, RLE masks; slsd eval); "
+                                                      "two files (teacher, student) give one row each."),
     images: Path = typer.Option(..., "--images", help="Image folder (file_name in the annotations is relative to it)."),
     annotations: Path = typer.Option(..., "--annotations", help="The annotations json of these images."),
     ids: Optional[List[str]] = typer.Option(None, "--ids", help="Image ids, comma-separated "
-                                            "[default: the first --max-images images with a detection]."),
+                                            "(default: the first --max-images images with a detection)."),
     score: float = typer.Option(0.5, "--score", help="Draw detections with at least this score."),
     max_images: int = typer.Option(4, "--max-images", help="Images shown when --ids is not given."),
     ground_truth: bool = typer.Option(False, "--gt", help="Add a row with the ground truth."),
-    label: str = typer.Option("predictions", "--label", help="Name of the model in the panel titles."),
+    labels: Optional[List[str]] = typer.Option(None, "--labels", help="Row names, comma-separated (default: each "
+                                                                      "file's run folder)."),
+    label: Optional[str] = typer.Option(None, "--label", hidden=True, help="Old spelling of --labels (one run)."),
     out: Path = typer.Option(..., "--out", help=OUT_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     dpi: int = typer.Option(150, "--dpi", help=DPI_HELP),
 ) -> None:
     """Masks, boxes and class names over images (the paper's Fig. 5).
 
-    Example: slsd plot predictions runs/student/detections.json --images data/images --annotations data/val.json --ids 501,502 --gt --out fig5.png
+    Example: slsd plot predictions runs/teacher/eval/detections.json runs/student/eval/detections.json --images data/images --annotations data/val.json --ids 501,502 --gt --out fig5.png
     """
     from slsd_cli import plots
 
-    from slsd_cli.data.lvis import load_annotations
-
-    plots.check_figure_outputs(out, force)
-    anns = load_annotations(annotations)
-    dets = plots.read_detections(detections, anns)
-    chosen = plots.choose_images(dets, anns, _ints(ids, "--ids"), score, max_images)
-    figure = plots.predictions_figure(dets, anns, images, chosen, score=score, show_ground_truth=ground_truth,
-                                      label=label, dpi=dpi)
-    _done(plots.save_figure(figure, out, force))
+    names = _split_list(labels, "--labels") or ([label] if label else None)
+    _done(plots.write_predictions(detections, annotations, images, out, _ints(ids, "--ids"), score, max_images,
+                                  ground_truth, names, force, dpi))

@@ -20,7 +20,8 @@ def prototypes(
     out: Path = typer.Option(..., "--out", help="Output prototypes.safetensors."),
     backbone: Optional[str] = typer.Option(
         None, "--backbone",
-        help="timm model name, e.g. eva02_large_patch14_224.mim_m38m (pretrained by name when online)."),
+        help="timm model name, e.g. eva02_large_patch14_224.mim_m38m (pretrained by name when online); "
+             "efficientnet_lite0 loads ImageNet weights shipped with slsd, offline."),
     weights: Optional[Path] = typer.Option(
         None, "--weights", help="Local backbone weights for --backbone (safetensors, or a torch state dict)."),
     random_init: bool = typer.Option(False, "--random-init", help="Random backbone weights (tests, demo)."),

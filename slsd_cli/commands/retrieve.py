@@ -24,7 +24,8 @@ def retrieve(
     k: int = typer.Option(64, "--k", help="Neighbours per query instance."),
     embedder: str = typer.Option(
         "vit_large_patch14_dinov2.lvd142m", "--embedder",  # retrieval.embedders.DEFAULT_EMBEDDER
-        help="timm model name (default DINOv2 ViT-L/14), 'colorhist' (weight-free colour baseline), or slsd:RUN_DIR."),
+        help="timm model name (default DINOv2 ViT-L/14; efficientnet_lite0 loads ImageNet weights shipped with slsd, "
+             "offline), 'colorhist' (weight-free colour baseline), or slsd:RUN_DIR."),
     weights: Optional[Path] = typer.Option(
         None, "--weights", help="Local weights for a timm embedder (safetensors or torch state dict)."),
     random_init: bool = typer.Option(False, "--random-init", help="Random embedder weights (tests)."),

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from slsd_cli.progress import progress
+from slsd_cli.progress import info, progress, show
 
 
 def synth(
@@ -43,7 +43,6 @@ def synth(
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     groups = summary["groups"]
@@ -57,6 +56,5 @@ def print_summary(summary: dict) -> None:
         total = max(split["instances"], 1)
         table.add_row(name, str(split["images"]), str(split["empty_images"]), str(split["instances"]),
                       *(f"{by_group[g]} ({100 * by_group[g] / total:.1f}%)" for g in ("r", "c", "f")))
-    console = Console()
-    console.print(table)
-    console.print(f"images: {summary['images_dir']}  (pass --images {summary['images_dir']})")
+    show(table)
+    info(f"images: {summary['images_dir']}  (pass --images {summary['images_dir']})")

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from slsd_cli.progress import info
+from slsd_cli.recipe import flag_help
 
 SMOOTHING_MODES = ("none", "uniform", "similarity")
 
@@ -19,17 +20,16 @@ def train_teacher(
     overrides: Optional[List[str]] = typer.Argument(None, help="Recipe overrides key.sub=value, e.g. "
                                                               "train.lr=1e-4 model.backbone=resnet18."),
     out_dir: Path = typer.Option(..., "--out-dir", "-o", help="Run directory (model, checkpoints, metrics)."),
-    smoothing: Optional[str] = typer.Option(None, "--smoothing", help="Label smoothing: none, uniform or "
-                                                                      "similarity (smoothing.mode)."),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="Smoothing mass ε (smoothing.epsilon)."),
-    gamma: Optional[float] = typer.Option(None, "--gamma", help="Frequency exponent γ (smoothing.gamma)."),
+    smoothing: Optional[str] = typer.Option(None, "--smoothing", help=flag_help("smoothing.mode", "Label smoothing.")),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help=flag_help("smoothing.epsilon", "Smoothing mass ε (Eq. 3).")),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help=flag_help("smoothing.gamma", "Frequency exponent γ (Eq. 2).")),
     prototypes: Optional[Path] = typer.Option(None, "--prototypes", help="prototypes.safetensors from "
                                                                          "`slsd prototypes`."),
     train_json: Optional[Path] = typer.Option(None, "--train-json", help="Labeled annotations (data.train_json)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Image folder (data.images; default: "
                                                                  "images/ beside the json)."),
-    iterations: Optional[int] = typer.Option(None, "--iterations", help="Training iterations (train.iterations)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (train.seed)."),
+    iterations: Optional[int] = typer.Option(None, "--iterations", help=flag_help("train.iterations", "Training iterations.")),
+    seed: Optional[int] = typer.Option(None, "--seed", help=flag_help("train.seed", "Random seed.")),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN from RUN/ckpt/last.pt when it exists "
                                                         "(else start); safe under torchrun --max-restarts."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run in --out-dir."),

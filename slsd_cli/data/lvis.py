@@ -12,14 +12,16 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Literal
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 
 from slsd_cli.errors import InputError
 from slsd_cli.io import read_json
+
+if TYPE_CHECKING:  # torch is imported where it is used: `slsd eval --detections` never loads it
+    import torch
 
 Protocol = Literal["lvis", "coco"]
 
@@ -125,8 +127,44 @@ def recount_categories(data: dict) -> dict:
 # ---------------------------------------------------------------- validation
 
 
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_number(value: Any, name: str, *, path: str | Path | None = None, record: Any = None,
+                 integer: bool = False, minimum: float | None = None, maximum: float | None = None,
+                 above: float | None = None) -> int | float:
+    """The one check of a numeric field read from a user's file (annotations, detections, metadata).
+
+    Accepts a json number (never a bool, a string or a list) that is finite, an integer when
+    `integer` (then also within int64, so numpy and torch can hold it), `>= minimum`, `<= maximum`
+    and `> above` when given; returns it. Anything else is an InputError naming `path`, `record`
+    and the field `name`, so a NaN area or an id beyond int64 stops at load instead of turning
+    into a wrong metric or a crash deep inside."""
+    if integer:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InputError(f"{name} must be an integer, got {_show(value)}", path=path, record=record)
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise InputError(f"{name} {value} is beyond the 64-bit integer range", path=path, record=record)
+    elif not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise InputError(f"{name} must be a number, got {_show(value)}", path=path, record=record)
+    elif not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}", path=path, record=record)
+    if minimum is not None and value < minimum:
+        raise InputError(f"{name} must be >= {minimum:g}, got {value}", path=path, record=record)
+    if maximum is not None and value > maximum:
+        raise InputError(f"{name} must be <= {maximum:g}, got {value}", path=path, record=record)
+    if above is not None and value <= above:
+        raise InputError(f"{name} must be > {above:g}, got {value}", path=path, record=record)
+    return value
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _require_keys(record: dict, keys: tuple[str, ...], path: Path, where: str) -> None:
@@ -140,8 +178,7 @@ def _require_keys(record: dict, keys: tuple[str, ...], path: Path, where: str) -
 def _check_ids_unique(records: list[dict], path: Path, section: str) -> None:
     seen: set = set()
     for i, rec in enumerate(records):
-        if not isinstance(rec["id"], int) or isinstance(rec["id"], bool):
-            raise InputError(f"id must be an integer, got {rec['id']!r}", path=path, record=f"{section}[{i}]")
+        check_number(rec["id"], "id", path=path, record=f"{section}[{i}]", integer=True)
         if rec["id"] in seen:
             raise InputError(f"duplicate id {rec['id']}", path=path, record=f"{section}[{i}]")
         seen.add(rec["id"])
@@ -161,9 +198,17 @@ def _validate_segmentation(seg: Any, image: dict, path: Path, where: str) -> Non
         if "size" not in seg or "counts" not in seg:
             raise InputError("RLE needs 'size' and 'counts'", path=path, record=where)
         if not isinstance(seg["size"], list) or len(seg["size"]) != 2:
-            raise InputError(f"RLE size must be [height, width], got {seg['size']!r}", path=path, record=where)
+            raise InputError(f"RLE size must be [height, width], got {_show(seg['size'])}", path=path, record=where)
+        for value in seg["size"]:
+            check_number(value, "RLE size", path=path, record=where, integer=True, minimum=1)
         if not isinstance(seg["counts"], (str, list)):
             raise InputError("RLE counts must be a string or a list of run lengths", path=path, record=where)
+        if isinstance(seg["counts"], list):
+            for value in seg["counts"]:
+                check_number(value, "RLE run length", path=path, record=where, integer=True, minimum=0)
+            if sum(seg["counts"]) != seg["size"][0] * seg["size"][1]:
+                raise InputError(f"RLE run lengths add up to {sum(seg['counts'])}, not height x width",
+                                 path=path, record=where)
         if list(seg["size"]) != [image["height"], image["width"]]:
             raise InputError(f"RLE size {list(seg['size'])} disagrees with its image "
                              f"({image['height']}x{image['width']})", path=path, record=where)
@@ -185,6 +230,14 @@ def validate_dataset(data: Any, path: Path, require_annotations: bool = True) ->
     for i, cat in enumerate(data["categories"]):
         _require_keys(cat, ("id", "name"), path, f"categories[{i}]")
     _check_ids_unique(data["categories"], path, "categories")
+    for i, cat in enumerate(data["categories"]):
+        where = f"categories[{i}] (id {cat['id']})"
+        for key in ("image_count", "instance_count"):
+            if key in cat:
+                check_number(cat[key], key, path=path, record=where, integer=True, minimum=0)
+        if "frequency" in cat and cat["frequency"] not in ("r", "c", "f"):
+            raise InputError(f"frequency must be 'r', 'c' or 'f', got {_show(cat['frequency'])}", path=path,
+                             record=where)
     category_ids = {c["id"] for c in data["categories"]}
 
     for i, img in enumerate(data["images"]):
@@ -194,13 +247,15 @@ def validate_dataset(data: Any, path: Path, require_annotations: bool = True) ->
             raise InputError("missing required key 'file_name' (or 'coco_url')", path=path, record=where)
         for dim in ("width", "height"):
             if not isinstance(img[dim], int) or isinstance(img[dim], bool) or img[dim] <= 0:
-                raise InputError(f"{dim} must be a positive integer, got {img[dim]!r}", path=path, record=where)
+                raise InputError(f"{dim} must be a positive integer, got {_show(img[dim])}", path=path,
+                                 record=where)
+            check_number(img[dim], dim, path=path, record=where, integer=True, maximum=2 ** 31 - 1)
         for key in ("neg_category_ids", "not_exhaustive_category_ids"):
             if not isinstance(img.get(key, []), list):
                 raise InputError(f"{key} must be a list of category ids", path=path,
                                  record=f"{where} (id {img['id']})")
             for cid in img.get(key, []):
-                if cid not in category_ids:
+                if not isinstance(cid, int) or isinstance(cid, bool) or cid not in category_ids:
                     raise InputError(f"{key} names unknown category id {cid}", path=path,
                                      record=f"{where} (id {img['id']})")
     _check_ids_unique(data["images"], path, "images")
@@ -214,8 +269,7 @@ def validate_dataset(data: Any, path: Path, require_annotations: bool = True) ->
         _require_keys(ann, ("id", "image_id", "category_id", "bbox", "segmentation"), path, where)
         where = f"annotations[{i}] (id {ann['id']})"
         for key in ("image_id", "category_id"):
-            if not isinstance(ann[key], int) or isinstance(ann[key], bool):
-                raise InputError(f"{key} must be an integer, got {ann[key]!r}", path=path, record=where)
+            check_number(ann[key], key, path=path, record=where, integer=True)
         image = images.get(ann["image_id"])
         if image is None:
             raise InputError(f"unknown image id {ann['image_id']}", path=path, record=where)
@@ -223,7 +277,8 @@ def validate_dataset(data: Any, path: Path, require_annotations: bool = True) ->
             raise InputError(f"unknown category id {ann['category_id']}", path=path, record=where)
         box = ann["bbox"]
         if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
-            raise InputError(f"bbox must be 4 finite numbers [x, y, w, h], got {box!r}", path=path, record=where)
+            raise InputError(f"bbox must be 4 finite numbers [x, y, w, h], got {_show(box)}", path=path,
+                             record=where)
         x, y, w, h = box
         if w <= 0 or h <= 0:
             raise InputError(f"degenerate bbox {box} (width and height must be > 0)", path=path, record=where)
@@ -232,6 +287,11 @@ def validate_dataset(data: Any, path: Path, require_annotations: bool = True) ->
             raise InputError(f"bbox {box} lies outside its image ({image['width']}x{image['height']})",
                              path=path, record=where)
         _validate_segmentation(ann["segmentation"], image, path, where)
+        if "area" in ann:  # reaches the area ranges of APs/APm/APl
+            check_number(ann["area"], "area", path=path, record=where, minimum=0)
+        for flag in ("iscrowd", "ignore"):
+            if flag in ann and ann[flag] not in (0, 1):
+                raise InputError(f"{flag} must be 0 or 1, got {_show(ann[flag])}", path=path, record=where)
     _check_ids_unique(annotations, path, "annotations")
 
 
@@ -273,7 +333,7 @@ def annotation_mask(ann: dict, height: int, width: int) -> np.ndarray:
 
 def encode_mask(mask: np.ndarray | torch.Tensor) -> dict:
     """Binary [H, W] mask -> compressed RLE with a str `counts` (json-ready)."""
-    if isinstance(mask, torch.Tensor):
+    if not isinstance(mask, np.ndarray):  # a torch.Tensor
         mask = mask.cpu().numpy()
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
@@ -291,85 +351,23 @@ def load_image(path: str | Path, record: Any = None) -> torch.Tensor:
     try:
         with Image.open(path) as img:
             array = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise InputError(f"unreadable image ({exc})", path=path, record=record) from exc
+    import torch
+
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 # ---------------------------------------------------------------- results (detections)
 
 
-def validate_results(results: Any, annotations: Annotations, path: str | Path,
-                     require_scores_in_unit_interval: bool = True) -> list[dict]:
-    """Check a detections list in the LVIS/COCO results format against its annotations.
+def validate_results(results: Any, annotations: Annotations, path: str | Path) -> list[dict]:
+    """Check a parsed detections list (LVIS/COCO results format) against its annotations and
+    return it. The checks are those of the one results reader, `slsd_cli.results` (kept here for
+    callers holding records rather than a file)."""
+    from slsd_cli.results import from_records
 
-    Scalar fields are checked in bulk with numpy so LVIS-sized files (millions of detections) stay
-    fast; segmentations are checked one by one only when present.
-    """
-    path = Path(path)
-    if not isinstance(results, list):
-        raise InputError("detections must be a json list of results", path=path)
-    if not results:
-        return results
-    for i, det in enumerate(results):
-        if not isinstance(det, dict) or "image_id" not in det or "category_id" not in det or "score" not in det:
-            raise InputError("a result needs 'image_id', 'category_id' and 'score'", path=path, record=f"[{i}]")
-        if "bbox" not in det and "segmentation" not in det:
-            raise InputError("a result needs 'bbox' or 'segmentation'", path=path, record=f"[{i}]")
-        for key in ("image_id", "category_id"):
-            if not isinstance(det[key], int) or isinstance(det[key], bool):
-                raise InputError(f"{key} must be an integer, got {det[key]!r}", path=path, record=f"[{i}]")
-        if not isinstance(det["score"], (int, float)) or isinstance(det["score"], bool):
-            raise InputError(f"score must be a number, got {det['score']!r}", path=path, record=f"[{i}]")
-
-    def first_bad(mask: np.ndarray) -> int | None:
-        bad = np.flatnonzero(mask)
-        return int(bad[0]) if bad.size else None
-
-    try:
-        image_ids = np.array([d["image_id"] for d in results], dtype=np.int64)
-        category_ids = np.array([d["category_id"] for d in results], dtype=np.int64)
-        scores = np.array([d["score"] for d in results], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"non-numeric image_id, category_id or score ({exc})", path=path) from exc
-    if (i := first_bad(~np.isin(image_ids, np.fromiter(annotations.images, dtype=np.int64)))) is not None:
-        raise InputError(f"unknown image id {results[i]['image_id']}", path=path, record=f"[{i}]")
-    if (i := first_bad(~np.isin(category_ids, np.array(annotations.category_ids, dtype=np.int64)))) is not None:
-        raise InputError(f"unknown category id {results[i]['category_id']}", path=path, record=f"[{i}]")
-    if (i := first_bad(~np.isfinite(scores))) is not None:
-        raise InputError(f"score is not a finite number ({results[i]['score']})", path=path, record=f"[{i}]")
-    if require_scores_in_unit_interval and (i := first_bad((scores < 0) | (scores > 1))) is not None:
-        raise InputError(f"score {results[i]['score']} is outside [0, 1]", path=path, record=f"[{i}]")
-    with_box = [i for i, d in enumerate(results) if "bbox" in d]
-    if with_box:
-        try:
-            boxes = np.array([results[i]["bbox"] for i in with_box], dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            bad = next((i for i in with_box if not (isinstance(results[i]["bbox"], list) and len(results[i]["bbox"]) == 4
-                                                    and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                            for v in results[i]["bbox"]))), None)
-            raise InputError(f"bbox must be 4 numbers [x, y, w, h], got "
-                             f"{results[bad]['bbox'] if bad is not None else exc!r}", path=path,
-                             record=None if bad is None else f"[{bad}]") from exc
-        if boxes.ndim != 2 or boxes.shape[1] != 4:
-            bad = next(i for i in with_box if not (isinstance(results[i]["bbox"], list) and len(results[i]["bbox"]) == 4))
-            raise InputError(f"bbox must be [x, y, w, h], got {results[bad]['bbox']!r}", path=path, record=f"[{bad}]")
-        bad_box = ~np.isfinite(boxes).all(axis=1) | (boxes[:, 2] < 0) | (boxes[:, 3] < 0)
-        if (j := first_bad(bad_box)) is not None:
-            i = with_box[j]
-            raise InputError(f"malformed bbox {results[i]['bbox']}", path=path, record=f"[{i}]")
-    for i, det in enumerate(results):
-        seg = det.get("segmentation")
-        if seg is None:
-            continue
-        image = annotations.images[det["image_id"]]
-        if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
-            raise InputError("segmentation must be an RLE object with 'size' and 'counts'", path=path, record=f"[{i}]")
-        if list(seg["size"]) != [image["height"], image["width"]]:
-            raise InputError(f"RLE size {seg['size']} disagrees with image {det['image_id']} "
-                             f"({image['height']}x{image['width']})", path=path, record=f"[{i}]")
-        if not isinstance(seg["counts"], (str, list)):
-            raise InputError("RLE counts must be a string or a list", path=path, record=f"[{i}]")
+    from_records(results, annotations, path)
     return results
 
 

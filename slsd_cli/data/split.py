@@ -10,7 +10,7 @@ import numpy as np
 
 from slsd_cli.data.lvis import load_annotations, recount_categories
 from slsd_cli.errors import InputError
-from slsd_cli.io import atomic_write_json, check_output
+from slsd_cli.io import FileSet, atomic_write_json, check_output
 
 
 def fraction_file_name(fraction: float) -> str:
@@ -73,7 +73,7 @@ def split_dataset(annotations_path: str | Path, out_dir: str | Path, holdout: fl
         if path.resolve() == source.resolve():
             raise InputError("an output would overwrite the input annotations; choose another --out-dir",
                              path=path)
-        check_output(path, force)
+        check_output(path, force)  # refuse early, before the input is read
 
     annotations = load_annotations(source)
     data = annotations.data
@@ -105,7 +105,8 @@ def split_dataset(annotations_path: str | Path, out_dir: str | Path, holdout: fl
         outputs.append((fraction_file_name(f), _subset(data, keep, info("train", f)), f))
 
     summary = {"source": str(source), "seed": seed, "holdout": holdout, "outputs": []}
-    for name, dataset, fraction in outputs:
-        atomic_write_json(paths[name], dataset)
-        summary["outputs"].append(_describe(name, paths[name], dataset, fraction))
+    with FileSet(list(paths.values()), force) as files:  # all the split files appear together or none
+        for name, dataset, fraction in outputs:
+            atomic_write_json(files.stage(paths[name]), dataset)
+            summary["outputs"].append(_describe(name, paths[name], dataset, fraction))
     return summary

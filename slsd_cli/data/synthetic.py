@@ -1,4 +1,4 @@
-"""The embedded benchmark: a small LVIS-format long-tail instance-segmentation dataset (DESIGN §5).
+"""The embedded benchmark: a small LVIS-format long-tail instance-segmentation dataset (docs/design.md §4).
 
 No machine here can download LVIS, so `slsd synth` draws one with the same problem shape:
 
@@ -8,7 +8,7 @@ No machine here can download LVIS, so `slsd synth` draws one with the same probl
   circle and a hexagon of the same colour): class similarity is real, and `classes.json` says what
   it is (`similarity`: the fraction of shared attributes).
 * **The LVIS long tail.** Class i gets the training image count of the LVIS v1 curve (the sorted
-  image counts of its 1,203 classes, `../shared/data/lvis_v1_train_cat_info.json`) at quantile
+  image counts of its 1,203 classes, LVIS v1's published category info) at quantile
   (i + 1/2) / classes. Counts <= 100 are kept as they are, so the rare (<= 10 images) and common
   (11-100) groups keep their LVIS definition and share of classes; the frequent part of the curve
   (101 .. 1,977 images) is squeezed log-linearly into 101 .. 0.4 x train_images (lower when images
@@ -49,9 +49,6 @@ from __future__ import annotations
 import colorsys
 import io
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -63,7 +60,7 @@ from pycocotools import mask as mask_utils
 
 from slsd_cli.data.lvis import dataset_dict, frequency_group
 from slsd_cli.errors import InputError
-from slsd_cli.io import atomic_write_json, check_output
+from slsd_cli.io import FileSet, atomic_write_json, check_output, make_dirs, output_errors, remove_leftovers
 
 FORMAT_VERSION = 1
 
@@ -516,8 +513,9 @@ def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = 
 
     Sizes left as None take `default_sizes(classes)` (500 / 100 / 300 images for 40 classes).
     Existing outputs (the five json files or `images/`) need `force=True`; other files in
-    `out_dir` are left alone. Images are written to a temporary folder renamed into place, then the
-    json files atomically. `progress` is an optional rich Progress. Returns a summary dict.
+    `out_dir` are left alone. `images/` and the json files are one set (`io.FileSet`): staged beside
+    them and renamed into place together, so a failure or a kill never leaves part of them.
+    `progress` is an optional rich Progress. Returns a summary dict.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -550,10 +548,12 @@ def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = 
         if progress is not None:
             progress.advance(task)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".images.", suffix=".tmp", dir=out_dir))  # renamed to images/ at the end
-    try:
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; the images folder is an ordinary output
+    remove_leftovers(out_dir, ".images.*.tmp", ".images.old.*")  # staging of older versions, if killed
+    images_dir = out_dir / IMAGES_DIR
+    # images/ and the five json files appear together or not at all (staged, then renamed into place)
+    outputs = FileSet([images_dir, *(out_dir / name for name in OUTPUT_FILES)], force)
+    staging = make_dirs(outputs.stage(images_dir))
+    with outputs, output_errors(images_dir, staging):  # disk full, read-only: the one-line error
         first_val_id = 1 + train_images
         first_pool_id = first_val_id + val_images
         train_imgs, train_anns = _split_records("train", train_members, class_list, image_size, seed, 1, 1,
@@ -586,22 +586,10 @@ def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = 
                         for c in class_list],
             "similarity": attribute_similarity(class_list),
         }
-        images_dir = out_dir / IMAGES_DIR
-        trash = None
-        if images_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=".images.old.", dir=out_dir))
-            os.replace(images_dir, trash / IMAGES_DIR)
-        os.replace(staging, images_dir)
-        if trash is not None:
-            shutil.rmtree(trash)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    atomic_write_json(out_dir / "classes.json", classes_doc)
-    atomic_write_json(out_dir / "train.json", train)
-    atomic_write_json(out_dir / "val.json", val)
-    atomic_write_json(out_dir / "pool.json", pool)
-    atomic_write_json(out_dir / "pool_gt.json", pool_gt)
+        docs = {"classes.json": classes_doc, "train.json": train, "val.json": val, "pool.json": pool,
+                "pool_gt.json": pool_gt}
+        for name in OUTPUT_FILES:
+            atomic_write_json(outputs.stage(out_dir / name), docs[name])
 
     groups = Counter(group_of.values())
     splits = {"train": (train_imgs, train_anns), "val": (val_imgs, val_anns), "pool_gt": (pool_imgs, pool_anns)}

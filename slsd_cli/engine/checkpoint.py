@@ -7,17 +7,21 @@
      "modules": {name: state_dict},             # the phase's modules (model, or student + teacher)
      "optimizer": state_dict, "scaler": state_dict | None,
      "phase": dict,                             # the phase's own state (data position, ...)
-     "trainer": {"skipped": int, "consecutive_nonfinite": int},
+     "trainer": {"skipped": int, "consecutive_nonfinite": int, "elapsed": float,
+                 "eval": {"best": float | None, "best_iter": int | None}},
      "rng": [per-rank {"torch", "cuda", "numpy", "python"}]}
 
 It is written to a temporary file in the same folder, flushed to disk and renamed onto `last.pt`,
 so a process killed mid-write leaves the previous checkpoint intact (and a stray `.last.pt.*.tmp`,
-which `remove_stale_temps` deletes on the next start).
+which `remove_stale_temps` deletes on the next start). With `train.keep_last N` each checkpoint is
+also kept as `RUN/ckpt/iter_XXXXXXX.pt` (`keep_copy`: a hard link, no second write), the last N of them.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +31,6 @@ import torch
 from slsd_cli.io import load_torch_file, torch_save_atomic
 
 FORMAT = 1
-
-
-def checkpoint_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "ckpt" / "last.pt"
 
 
 def save(state: dict[str, Any], path: str | Path) -> None:
@@ -46,12 +46,26 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     return state
 
 
+def keep_copy(path: str | Path, copy: str | Path) -> None:
+    """Keep checkpoint `path` also as `copy`, atomically: a hard link where the file system has them
+    (the next save renames a new file onto `path`, so the copy keeps this checkpoint's bytes)."""
+    path, copy = Path(path), Path(copy)
+    tmp = copy.with_name(f".{copy.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, copy)
+
+
 def remove_stale_temps(path: str | Path) -> int:
-    """Delete temporary files left by a writer that died before its rename; returns how many."""
+    """Delete temporary files left in `path`'s folder by a writer that died before its rename;
+    returns how many."""
     path = Path(path)
     count = 0
     if path.parent.is_dir():
-        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        for tmp in path.parent.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
             count += 1
     return count

@@ -9,7 +9,7 @@ Per iteration and process (`DistillPhase`, a `trainer.Phase`):
    and erasing. Labeled : unlabeled is 1 : 1 (`distill.unlabeled_per_process`, default
    `train.batch_per_process`).
 2. `losses`: the EMA teacher (eval mode, no gradient) detects on the weak view; its detections above
-   `distill.threshold` become pseudo-labels (`engine.pseudo_labels`: box, mask binarised at 0.5,
+   `distill.threshold` become pseudo-labels (`labels.pseudo_labels`: box, mask binarised at 0.5,
    one-hot / soft / Eq. 5-corrected soft class target). The student then runs *once* on the labeled
    images and the strong views together; each pseudo-labeled image carries
    `loss_weight = distill.unsup_weight`, so the RPN, cascade classification / regression and mask
@@ -41,24 +41,24 @@ import torch
 from torch import Tensor, nn
 
 from slsd_cli import distributed
-from slsd_cli.config import to_dict
+from slsd_cli import run_dir as runs
+from slsd_cli.typed_yaml import to_dict
 from slsd_cli.data.batching import Batch, collate_pairs
 from slsd_cli.data.dataset import InstanceDataset
-from slsd_cli.data.lvis import frequency_group, load_annotations
+from slsd_cli.data.lvis import Annotations, frequency_group, load_annotations
 from slsd_cli.data.transforms import WeakStrongTransform
-from slsd_cli.engine import run_dir as runs
 from slsd_cli.engine.ema import EMATeacher
-from slsd_cli.engine.pseudo_labels import PseudoLabelSpec, PseudoLabelStats, pseudo_label_targets
-from slsd_cli.engine.teacher import add_class_targets, build_data, build_table
-from slsd_cli.engine.trainer import StepLoader, TrainResult, sample_seed, seed_everything, train_recipe
+from slsd_cli.labels.pseudo_labels import PseudoLabelSpec, PseudoLabelStats, pseudo_label_targets
+from slsd_cli.engine.labeled import add_class_targets, build_labeled_stream, build_table
+from slsd_cli.engine.launch import launch
+from slsd_cli.engine.seeding import UNLABELED_STREAM, sample_seed, seed_everything
+from slsd_cli.engine.stream import StepLoader
+from slsd_cli.engine.trainer import TrainResult
 from slsd_cli.errors import InputError
 from slsd_cli.io import read_json
 from slsd_cli.progress import info, warn
 from slsd_cli.recipe import Recipe
 
-TEACHER_DIR = "teacher"  # the EMA teacher's export, beside the student's
-RUN_OUTPUTS = (*runs.RUN_OUTPUTS, TEACHER_DIR)
-_UNLABELED_STREAM = 7  # key of the unlabeled stream's seed (independent of the labeled stream's)
 
 
 @dataclass
@@ -123,23 +123,22 @@ class DistillPhase:
     def pseudo_labels(self, batch: DistillBatch) -> tuple[list[dict], PseudoLabelStats]:
         """The teacher's pseudo-labels for the strong views of `batch` (no gradient)."""
         teacher = self.ema.teacher
-        # detections under the pseudo-label threshold are never used: let predict drop them before
-        # NMS and the mask head (the same survivors: NMS only lets higher scores suppress lower ones)
-        cfg = teacher.cfg
-        teacher.cfg = dataclasses.replace(cfg, test_score_threshold=max(cfg.test_score_threshold,
-                                                                         self.spec.threshold))
-        try:
-            detections = teacher.predict(batch.weak.images, batch.weak.image_sizes)
-        finally:
-            teacher.cfg = cfg
+        # detections under the spec's score floor (threshold, ignore band, Eq. 5 shift) are never used:
+        # let predict drop them before NMS and the mask head (NMS only lets higher scores suppress lower ones)
+        threshold = max(teacher.cfg.test_score_threshold, self.spec.score_floor())
+        detections = teacher.predict(batch.weak.images, batch.weak.image_sizes, score_threshold=threshold)
         return pseudo_label_targets(detections, batch.strong.image_sizes, self.spec, groups=self.groups)
 
     def losses(self, model: nn.Module, batch: DistillBatch) -> dict[str, Tensor]:
         pseudo, stats = self.pseudo_labels(batch)
         self.stats.add(stats)
+        scorers = [None] * len(pseudo)
+        if self.spec.background == "teacher":  # soft background: the teacher scores the student's RoIs
+            scorers = self.ema.teacher.background_scorers(batch.weak.images, batch.weak.image_sizes)
         unlabeled_targets = [{"boxes": t["boxes"], "labels": t["labels"], "masks": t["masks"],
-                              "class_targets": t["class_targets"], "loss_weight": self.unsup_weight}
-                             for t in pseudo]
+                              "class_targets": t["class_targets"], "ignore_boxes": t["ignore_boxes"],
+                              "background_scorer": scorer, "loss_weight": self.unsup_weight}
+                             for t, scorer in zip(pseudo, scorers)]
         images, sizes, targets = join_batches(
             (batch.labeled.images, batch.labeled.image_sizes, batch.labeled.targets),
             (batch.strong.images, batch.strong.image_sizes, unlabeled_targets))
@@ -166,13 +165,13 @@ class DistillPhase:
         self.ema.updates = int(state["ema_updates"])
         self.stats = PseudoLabelStats.from_tensor(state["stats"])
 
-    def export(self, run_dir: Path) -> None:
+    def export(self, out_dir: Path) -> None:
         from slsd_cli.model.weights import save_detector
 
         extra = {"recipe": to_dict(self.recipe), **self.provenance}
-        save_detector(self.student, run_dir, self.categories, self.recipe.model,
+        save_detector(self.student, out_dir, self.categories, self.recipe.model,
                       extra={"phase": "student", **extra})
-        save_detector(self.ema.teacher, Path(run_dir) / TEACHER_DIR, self.categories, self.recipe.model,
+        save_detector(self.ema.teacher, runs.teacher_dir(out_dir), self.categories, self.recipe.model,
                       extra={"phase": "ema_teacher", "ema_decay": self.ema.decay, "ema_updates": self.ema.updates,
                              **extra})
 
@@ -201,19 +200,15 @@ def unlabeled_per_process(recipe: Recipe) -> int:
 
 
 def validate(recipe: Recipe) -> None:
-    """The distill section's value checks (beyond `recipe.validate`)."""
+    """What a distillation run needs beyond a valid recipe (`recipe.load` has checked every key's
+    range): its inputs, unlabeled images that split into the micro-batches, and Δ for Eq. 5."""
     d, t = recipe.distill, recipe.train
     accumulation = t.batch_per_process // t.micro_batch
-    unlabeled = unlabeled_per_process(recipe)
     checks = [
-        (d.teacher is not None, "no teacher: pass --teacher RUN (distill.teacher)"),
+        (d.teacher is not None, "no teacher: pass --checkpoint RUN (distill.teacher)"),
         (d.unlabeled is not None, "no unlabeled images: pass --unlabeled unlabeled.json (distill.unlabeled)"),
-        (0.0 <= d.threshold <= 1.0, "distill.threshold must lie in [0, 1]"),
-        (0.0 < d.mask_threshold < 1.0, "distill.mask_threshold must lie in (0, 1)"),
-        (d.unsup_weight >= 0.0, "distill.unsup_weight must be >= 0"),
-        (d.lam >= 0.0, "distill.lam (λ) must be >= 0"),
-        (unlabeled >= 1 and unlabeled % accumulation == 0,
-         f"distill.unlabeled_per_process must be >= 1 and a multiple of train.batch_per_process / "
+        (unlabeled_per_process(recipe) % accumulation == 0,
+         f"distill.unlabeled_per_process must be a multiple of train.batch_per_process / "
          f"train.micro_batch = {accumulation}"),
         (d.targets == "onehot" or d.lam == 0.0 or d.calibration is not None,
          f"soft targets with λ = {d.lam} need --calibration calibration.json (from `slsd calibrate`); "
@@ -265,7 +260,8 @@ def load_teacher(recipe: Recipe, device: torch.device) -> tuple[nn.Module, dict]
     source = Path(recipe.distill.teacher)
     teacher_model, meta = load_detector(source, device="cpu")
     # no backbone download or weights file: every tensor comes from the teacher run
-    student = build_detector(dataclasses.replace(recipe.model, pretrained=False, weights=None), meta["categories"])
+    student = build_detector(dataclasses.replace(recipe.model, pretrained=False, weights=None, init_from=None),
+                             meta["categories"])
     own, theirs = student.state_dict(), teacher_model.state_dict()
     mismatch = sorted(set(own) ^ set(theirs)) or [k for k in own if own[k].shape != theirs[k].shape]
     if mismatch:
@@ -277,18 +273,38 @@ def load_teacher(recipe: Recipe, device: torch.device) -> tuple[nn.Module, dict]
     return student.to(device), meta
 
 
+def unlabeled_images_dir(recipe: Recipe, annotations: Annotations) -> Path:
+    """The unlabeled images' folder: distill.unlabeled_images, else the folder `slsd retrieve`
+    recorded in the json (`info.images_dir`; a relative one is tried from the working directory,
+    then from the json's folder), else images/ beside the json."""
+    d = recipe.distill
+    if d.unlabeled_images is not None:
+        images = Path(d.unlabeled_images)
+    else:
+        info_doc = annotations.data.get("info")
+        recorded = info_doc.get("images_dir") if isinstance(info_doc, dict) else None
+        beside = Path(d.unlabeled).parent
+        if recorded:
+            images = Path(recorded)
+            if not images.is_absolute() and not images.is_dir():
+                images = beside / recorded
+        else:
+            images = beside / "images"
+    if not images.is_dir():
+        raise InputError("unlabeled image folder not found (pass --unlabeled-images DIR)", path=images)
+    return images
+
+
 def build_unlabeled(recipe: Recipe, dist: distributed.DistInfo, micro_batch: int) -> StepLoader:
     d, data = recipe.distill, recipe.data
     annotations = load_annotations(d.unlabeled, require_annotations=False)
-    images = Path(d.unlabeled_images) if d.unlabeled_images is not None else Path(d.unlabeled).parent / "images"
-    if not images.is_dir():
-        raise InputError("unlabeled image folder not found (pass --unlabeled-images DIR)", path=images)
+    images = unlabeled_images_dir(recipe, annotations)
     if annotations.annotations:
         info(f"{d.unlabeled}: its {len(annotations.annotations)} annotations are ignored (unlabeled images)")
     dataset = InstanceDataset(annotations, images, WeakStrongTransform(data.image_size, tuple(data.scale_range)))
     if len(dataset) == 0:
         raise InputError("no unlabeled images", path=d.unlabeled)
-    seed = sample_seed(recipe.train.seed, _UNLABELED_STREAM) & 0xFFFFFFFF
+    seed = sample_seed(recipe.train.seed, UNLABELED_STREAM) & 0xFFFFFFFF
     return StepLoader(dataset, functools.partial(collate_pairs, pad_to=data.image_size), seed=seed,
                       rank=dist.rank, world_size=dist.world_size, micro_batch=micro_batch, factors=None,
                       num_workers=data.num_workers, device=dist.device)
@@ -303,13 +319,16 @@ def build_spec(recipe: Recipe, categories: list[dict]) -> PseudoLabelSpec:
         delta = load_delta(d.calibration, [c["id"] for c in categories])
     elif d.calibration is not None:
         warn("--calibration is unused with one-hot targets")
-    return PseudoLabelSpec(targets=d.targets, threshold=d.threshold, lam=d.lam, scope=d.correction_scope,
-                           softmax=recipe.model.classifier == "softmax", delta=delta,
-                           mask_threshold=d.mask_threshold)
+    try:
+        return PseudoLabelSpec(targets=d.targets, threshold=d.threshold, lam=d.lam, scope=d.correction_scope,
+                               delta=delta, mask_threshold=d.mask_threshold, threshold_on=d.threshold_on,
+                               ignore_low=d.ignore_low, background=d.background)
+    except ValueError as exc:
+        raise InputError(f"distill: {exc}", record="recipe") from None
 
 
 def build_phase(recipe: Recipe, dist: distributed.DistInfo) -> DistillPhase:
-    """Everything the loop needs, on this process's device (every process calls this)."""
+    """Everything the loop needs, on this process's device, every input checked (every process calls this)."""
     seed_everything(recipe.train.seed)
     student, meta = load_teacher(recipe, dist.device)
     categories = meta["categories"]
@@ -319,7 +338,7 @@ def build_phase(recipe: Recipe, dist: distributed.DistInfo) -> DistillPhase:
                          f"{len(categories)} (ids, in order)", path=annotations.path)
     table = build_table(recipe, annotations)
     ema = EMATeacher(student, recipe.distill.ema)
-    labeled = build_data(recipe, annotations, dist)
+    labeled = build_labeled_stream(recipe, annotations, dist)
     accumulation = recipe.train.batch_per_process // recipe.train.micro_batch
     unlabeled = build_unlabeled(recipe, dist, unlabeled_per_process(recipe) // accumulation)
     provenance = {"teacher": str(recipe.distill.teacher), "unlabeled": str(recipe.distill.unlabeled),
@@ -328,12 +347,23 @@ def build_phase(recipe: Recipe, dist: distributed.DistInfo) -> DistillPhase:
                         build_spec(recipe, categories), recipe.distill.unsup_weight, categories, recipe, provenance)
 
 
+def describe(phase: DistillPhase, dist: distributed.DistInfo) -> str:
+    recipe = phase.recipe
+    d = recipe.distill
+    targets = "onehot" if d.targets == "onehot" else \
+        f"soft, calibrated (λ={d.lam}, scope {d.correction_scope})" if phase.spec.corrects else "soft"
+    ignore = "off" if d.ignore_low is None else f"[{d.ignore_low}, {d.threshold}]"
+    return (f"distill: {len(phase.categories)} classes, {len(phase.labeled.dataset)} labeled + "
+            f"{len(phase.unlabeled.dataset)} unlabeled images, {recipe.train.iterations} iterations x "
+            f"({recipe.train.batch_per_process} + {unlabeled_per_process(recipe)}) images x {dist.world_size} "
+            f"process(es), targets {targets}, threshold {d.threshold} on the {d.threshold_on} score, "
+            f"ignore band {ignore}, background {d.background}, EMA {d.ema}, device {dist.device}")
+
+
 def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: bool = False) -> TrainResult:
     """Distil the teacher run `recipe.distill.teacher` into a student, into `run_dir` (every torchrun
     process calls this)."""
-    run_dir = Path(run_dir)
     validate(recipe)
-    runs.check_is_dir(run_dir)
     meta_path = teacher_meta_path(recipe.distill.teacher)
     teacher_meta = read_json(meta_path)
     if not isinstance(teacher_meta, dict):
@@ -341,21 +371,7 @@ def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: boo
     recipe, taken = inherit_from_teacher(recipe, teacher_meta)
     if recipe.data.train_json is None:
         raise InputError("no labeled annotations: set data.train_json or pass --train-json", record="recipe")
-    dist = distributed.init(recipe.train.device, recipe.train.dist_timeout_minutes)
-    try:
-        runs.check_on_main(run_dir, RUN_OUTPUTS, resume, force, dist)
-        resuming = runs.prepare(run_dir, RUN_OUTPUTS, resume, recipe, dist)
-        if taken:
-            info(f"from the teacher run's recipe: {', '.join(taken)}")
-
-        phase = build_phase(recipe, dist)
-        d = recipe.distill
-        targets = "onehot" if d.targets == "onehot" else \
-            f"soft, calibrated (λ={d.lam}, scope {d.correction_scope})" if phase.spec.corrects else "soft"
-        info(f"distill: {len(phase.categories)} classes, {len(phase.labeled.dataset)} labeled + "
-             f"{len(phase.unlabeled.dataset)} unlabeled images, {recipe.train.iterations} iterations x "
-             f"({recipe.train.batch_per_process} + {unlabeled_per_process(recipe)}) images x {dist.world_size} "
-             f"process(es), targets {targets}, threshold {d.threshold}, EMA {d.ema}, device {dist.device}")
-        return train_recipe(phase, recipe, run_dir, dist, resume=resuming)
-    finally:
-        distributed.cleanup()
+    if taken:
+        info(f"from the teacher run's recipe: {', '.join(taken)}")
+    return launch(recipe, run_dir, build_phase, resume=resume, force=force, outputs=runs.DISTILL_OUTPUTS,
+                  describe=describe)

@@ -5,7 +5,7 @@ After every optimiser step the teacher is moved towards the student,
     t <- d * t + (1 - d) * s
 
 for every floating-point parameter *and* persistent buffer (running statistics included), with decay `d`
-(the semi-supervised default is 0.9996, DESIGN §3). Integer buffers (e.g. BatchNorm's
+(the semi-supervised default is 0.9996, docs/design.md §3). Integer buffers (e.g. BatchNorm's
 `num_batches_tracked`) are copied from the student. The teacher never receives gradients: its
 parameters have `requires_grad=False` and it stays in eval mode.
 

@@ -2,10 +2,10 @@
 
 Layer-wise decay (BEiT / ViTDet / EVA): a backbone parameter of layer id `l` (0 = patch embedding,
 1..L = the blocks) trains at `lr * decay ** (L + 1 - l)`; everything after the backbone (pyramid,
-RPN, RoI heads) at `lr`. The detector defines its groups itself (`CascadeMaskRCNN.param_groups`:
-no weight decay on norm layers and position embeddings, as ViTDet); for any other module,
-`param_groups` here uses `layer_ids()` when present and exempts 1-d tensors (biases, norms) and
-position embeddings from weight decay.
+RPN, RoI heads) at `lr`. Layer ids come from the model's `layer_ids()` (the detector's) or its
+backbone's. One weight-decay rule for every model, ViTDet's (detectron2 / EVA): no weight decay on
+the parameters of normalisation layers (LayerNorm, GroupNorm, BatchNorm) and on absolute position
+embeddings (`*pos_embed`); every other parameter, biases included, decays.
 
 The schedule is a pure function of the iteration (`lr_factor`), so resuming needs only the
 iteration number: warm-up multiplies by `f + (1 - f) * t / warmup` (detectron2's linear warm-up)
@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("pos_embed", "rel_pos", "cls_token", "mask_token", "absolute_pos")
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
 
 
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
@@ -35,34 +35,34 @@ def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
     return {name: ids.get(name, num_layers + 1) for name, _ in model.named_parameters()}, num_layers
 
 
+def no_weight_decay(model: nn.Module) -> set[str]:
+    """Names of the parameters exempt from weight decay: normalisation layers' and position embeddings."""
+    names = {name for name, _ in model.named_parameters() if name.endswith("pos_embed")}
+    for module_name, module in model.named_modules():
+        if isinstance(module, NORM_LAYERS):
+            names.update(f"{module_name}.{p}" if module_name else p for p, _ in module.named_parameters(recurse=False))
+    return names
+
+
 def param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """Parameter groups keyed by (lr scale, weight decay); each group carries `lr_scale`."""
     ids, num_layers = layer_ids(model)
+    exempt = no_weight_decay(model)
     groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         scale = layer_decay ** (num_layers + 1 - ids[name]) if layer_decay < 1.0 else 1.0
-        no_decay = param.ndim <= 1 or any(key in name for key in NO_DECAY_NAMES)
-        wd = 0.0 if no_decay else weight_decay
-        group = groups.setdefault((scale, wd), {"params": [], "names": [], "lr_scale": scale, "weight_decay": wd})
-        group["params"].append(param)
-        group["names"].append(name)
+        wd = 0.0 if name in exempt else weight_decay
+        groups.setdefault((scale, wd), {"params": [], "lr_scale": scale, "weight_decay": wd})["params"].append(param)
     # a stable order: by decreasing scale, then decay (the optimizer state is saved by position)
-    ordered = [groups[key] for key in sorted(groups, key=lambda k: (-k[0], -k[1]))]
-    for group in ordered:
-        group.pop("names")
-    return ordered
+    return [groups[key] for key in sorted(groups, key=lambda k: (-k[0], -k[1]))]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float,
                     betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW over the model's own groups (`model.param_groups(lr, weight_decay, layer_decay)`, the
-    detector's) when it has them, else `param_groups` above."""
-    if hasattr(model, "param_groups"):
-        groups = model.param_groups(lr, weight_decay, layer_decay)
-    else:
-        groups = param_groups(model, weight_decay, layer_decay)
+    """AdamW over `param_groups` (layer-wise lr decay, ViTDet's weight-decay rule)."""
+    groups = param_groups(model, weight_decay, layer_decay)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
         group["base_lr"] = lr

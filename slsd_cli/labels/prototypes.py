@@ -8,8 +8,9 @@ coverage of each bin. Embeddings are summed per class in float64 (`PrototypeAccu
 torchrun each rank takes a contiguous shard of the images and the sums are all-reduced.
 
 Backbones: any timm model (`features_only=True`, one feature level) with pretrained weights by name
-(online), from a local file, or random init; or the backbone of an slsd detector run
-(`slsd_cli.model.weights.load_detector` and `model.backbone_feature_map`).
+(online; `efficientnet_lite0` offline from its pip package, see `timm_models.PACKAGED`), from a
+local file, or random init; or the backbone of an slsd detector run
+(`slsd_cli.predictor.Predictor.features`: padded as the detector was trained).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def timm_extractor(name: str, weights: str | Path | None = None, random_init: bo
 
     Weights: `weights` (a local safetensors or torch file, loaded with weights_only=True and passed
     through timm's checkpoint filter), else `random_init`, else pretrained weights by name, which
-    needs the network (or the HF_HUB_OFFLINE cache); offline without --weights is an InputError.
+    needs the network (or the HF_HUB_OFFLINE cache; `efficientnet_lite0` is packaged); offline without
+    --weights is an InputError.
     ViT-like models are built for `image_size` inputs (timm resamples position embeddings).
     """
     import timm
@@ -150,20 +152,18 @@ def timm_extractor(name: str, weights: str | Path | None = None, random_init: bo
 def checkpoint_extractor(path: str | Path, annotations: Annotations | None = None) -> Extractor:
     """The plain backbone map of an slsd detector run (model dir, model.safetensors or model.json)."""
     try:
-        from slsd_cli.model.weights import load_detector
+        from slsd_cli.predictor import Predictor
     except ImportError as exc:  # the model package is optional at import time
         raise InputError(f"slsd detector checkpoints are not available ({exc})", path=path) from exc
-    model, meta = load_detector(path)
-    model.eval()
-    with torch.inference_mode():
-        probe = torch.zeros(1, 3, 64, 64)
-        feats, stride = model.backbone_feature_map(probe, [(64, 64)])
-    dim = int(feats.shape[1])
+    # the predictor pads as the model was trained (a ViT's square canvas), in fp32
+    predictor = Predictor.from_run(path, device="cpu", amp="fp32")
+    model, meta = predictor.model, predictor.meta
+    dim, stride = predictor.feature_dim, int(model.backbone.feature_stride)
     categories = [c["id"] for c in meta.get("categories", [])]
     info = {"backbone": f"checkpoint:{path}", "weights": f"checkpoint:{path}", "stride": int(stride), "dim": dim,
             "model_backbone": meta.get("model", {}).get("backbone"),
             "checkpoint_categories_match": annotations is not None and categories == annotations.category_ids}
-    return Extractor(model, lambda x, sizes: model.backbone_feature_map(x, sizes), dim, int(stride), info)
+    return Extractor(model, lambda x, sizes: predictor.features(x, sizes)[:2], dim, stride, info)
 
 
 # ------------------------------------------------------------------ data

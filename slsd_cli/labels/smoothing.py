@@ -1,16 +1,18 @@
-"""Class prototypes and similarity-based label smoothing (paper Eq. 1-3, DESIGN §2).
+"""Class prototypes and similarity-based label smoothing (paper Eq. 1-3; docs/method.md).
 
-- Eq. 1: a prototype is the mean backbone embedding of a class's instances. `PrototypeAccumulator`
-  keeps per-class sums (float64) and counts, so shards computed by several processes add up exactly
-  (`all_reduce`) before the division.
-- Eq. 2: `S'_ij = exp(S_ij / N_j^gamma) / sum_k exp(S_ik / N_k^gamma)`, with `S` the cosine
-  similarity of the prototypes and `N_j` the instance count of class j. Classes with `N_j = 0` have no
-  prototype and get no smoothing mass (their column is excluded from the softmax).
-- Eq. 3 read as a distribution: the target of a class-c instance is
+- Eq. 1 (`prototypes_from_sums`): a prototype is the mean backbone embedding of a class's
+  instances. `PrototypeAccumulator` keeps per-class sums (float64) and counts, so shards computed by
+  several processes add up exactly (`all_reduce`) before the division.
+- Eq. 2 (`frequency_modulated_similarity`): `S'_ij = exp(S_ij / N_j^gamma) / sum_k exp(S_ik / N_k^gamma)`,
+  with `S` the cosine similarity of the prototypes (`cosine_similarity`) and `N_j` the instance count
+  of class j. Classes with `N_j = 0` have no prototype and get no smoothing mass (their column is
+  excluded from the softmax).
+- Eq. 3 (`smoothed_targets`) read as a distribution: the target of a class-c instance is
   `(1 - eps) * onehot(c) + eps * S'[c, :]`.
 
-The targets of every class are precomputed once as a `[C, C]` table; the targets of a batch of
-proposals are a row gather, `table[labels]` (see `proposal_targets` for the background handling).
+The targets of every class are precomputed once as a `[C, C]` table; a ground-truth instance of
+class c takes row c (`engine.teacher.add_class_targets`), and the detector gives a proposal matched
+to it that row and a background proposal the pure background target (`model.losses`).
 """
 
 from __future__ import annotations
@@ -77,8 +79,15 @@ class PrototypeAccumulator:
         return self
 
     def prototypes(self) -> torch.Tensor:
-        """Mean embedding per class `[C, D]` float64; zero rows for classes without instances."""
-        return self.sums / self.counts.clamp(min=1).to(self.sums).unsqueeze(1)
+        """Eq. 1 on the accumulated sums: `[C, D]` float64."""
+        return prototypes_from_sums(self.sums, self.counts)
+
+
+def prototypes_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Eq. 1, `p_i = (1 / N_i) sum_{n: y_n = i} B(x_n)`, from per-class embedding sums `[C, D]` and
+    instance counts `[C]`: the mean embedding per class (float64); zero rows for classes without
+    instances (they have no prototype)."""
+    return sums.to(torch.float64) / counts.clamp(min=1).to(torch.float64).unsqueeze(1)
 
 
 def cosine_similarity(prototypes: torch.Tensor) -> torch.Tensor:
@@ -99,8 +108,8 @@ def cosine_similarity(prototypes: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- Eq. 2-3: target tables
 
 
-def smoothing_distribution(similarity: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:
-    """`S' [C, C]` of Eq. 2 in float64. Columns of classes with `N_j = 0` are 0; rows of such
+def frequency_modulated_similarity(similarity: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Eq. 2: `S' [C, C]` in float64, row i the softmax over j of `S_ij / N_j^gamma`. Columns of classes with `N_j = 0` are 0; rows of such
     classes are 0 too (they have no prototype, hence no similarity to smooth towards)."""
     if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
         raise ValueError(f"similarity must be [C, C], got {tuple(similarity.shape)}")
@@ -122,13 +131,21 @@ def smoothing_distribution(similarity: torch.Tensor, counts: torch.Tensor, gamma
 
 def similarity_targets(similarity: torch.Tensor, counts: torch.Tensor, epsilon: float,
                        gamma: float) -> torch.Tensor:
-    """Target table `[C, C]` (float32): row c is `(1 - eps) * onehot(c) + eps * S'[c, :]`.
+    """Eq. 2-3: the similarity-smoothing target table `[C, C]` (float32) from the prototypes'
+    cosine similarity `S` and the instance counts `N`."""
+    _check_epsilon(epsilon)
+    return smoothed_targets(frequency_modulated_similarity(similarity, counts, gamma), epsilon)
 
-    Every row sums to 1. A class with `N_c = 0` (no prototype) keeps a one-hot row: there is no
-    similarity to smooth it towards.
+
+def smoothed_targets(s_prime: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Eq. 3, `y~ = (1 - eps) y + eps S' y`, for every class at once: a table `[C, C]` (float32)
+    whose row c, `(1 - eps) * onehot(c) + eps * S'[c, :]`, is the target of a class-c instance.
+
+    Every row sums to 1 when the rows of `S'` do. A class whose row of `S'` is all zero (`N_c = 0`,
+    no prototype) keeps a one-hot row: there is no similarity to smooth it towards.
     """
     _check_epsilon(epsilon)
-    s_prime = smoothing_distribution(similarity, counts, gamma)
+    s_prime = s_prime.to(torch.float64)
     present = s_prime.sum(dim=1) > 0
     eye = torch.eye(s_prime.shape[0], dtype=torch.float64, device=s_prime.device)
     table = torch.where(present.unsqueeze(1), (1.0 - epsilon) * eye + epsilon * s_prime, eye)
@@ -136,11 +153,8 @@ def similarity_targets(similarity: torch.Tensor, counts: torch.Tensor, epsilon: 
 
 
 def uniform_targets(num_classes: int, epsilon: float) -> torch.Tensor:
-    """Uniform label smoothing (the ablation baseline): `(1 - eps) * onehot + eps / C`."""
-    _check_epsilon(epsilon)
-    table = torch.full((num_classes, num_classes), epsilon / num_classes, dtype=torch.float64)
-    table.diagonal().add_(1.0 - epsilon)
-    return table.to(torch.float32)
+    """Uniform label smoothing (the ablation baseline): Eq. 3 with `S' = 1 / C` everywhere."""
+    return smoothed_targets(torch.full((num_classes, num_classes), 1.0 / num_classes, dtype=torch.float64), epsilon)
 
 
 def onehot_targets(num_classes: int) -> torch.Tensor:
@@ -150,30 +164,6 @@ def onehot_targets(num_classes: int) -> torch.Tensor:
 def _check_epsilon(epsilon: float) -> None:
     if not 0.0 <= epsilon <= 1.0:
         raise InputError(f"epsilon must lie in [0, 1], got {epsilon}")
-
-
-def with_background(table: torch.Tensor, head: Literal["softmax", "sigmoid"]) -> torch.Tensor:
-    """Extend a `[C, C]` table with a background row (index C), computed once beside the table.
-
-    softmax: `[C + 1, C + 1]`, foreground rows get a zero background column, the background row is
-    one-hot on column C. sigmoid: `[C + 1, C]`, the background row is all zeros.
-    Background proposals keep a pure background target either way (DESIGN §2).
-    """
-    c = table.shape[0]
-    if head == "softmax":
-        out = torch.zeros(c + 1, c + 1, dtype=table.dtype, device=table.device)
-        out[:c, :c] = table
-        out[c, c] = 1
-        return out
-    if head == "sigmoid":
-        return torch.cat([table, table.new_zeros(1, c)], dim=0)
-    raise ValueError(f"head must be 'softmax' or 'sigmoid', got {head!r}")
-
-
-def proposal_targets(table: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Targets of a batch of proposals: a row gather `table[labels]` (labels `[N]`, int64).
-    With a table from `with_background`, label C is background."""
-    return table.index_select(0, labels.reshape(-1))
 
 
 # ---------------------------------------------------------------- the prototypes file

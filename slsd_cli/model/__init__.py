@@ -1,14 +1,29 @@
 """Cascade Mask R-CNN with an EVA-02 (windowed ViT + simple feature pyramid) or timm CNN + FPN backbone.
 
-Files: config.py (ModelConfig), backbone.py, rpn.py, cascade.py, mask_head.py, losses.py,
-box_coder.py, matching.py, poolers.py, detector.py (CascadeMaskRCNN), postprocess.py (paste_masks,
-to_results), weights.py (save_detector, load_detector, build_detector). See each module's docstring.
+Files: model_config.py (ModelConfig, the recipe's `model:` section), backbone.py, rpn.py, cascade.py,
+mask_head.py, losses.py, box_coder.py, proposal_matching.py, poolers.py, detector.py (CascadeMaskRCNN),
+postprocess.py (paste_masks, to_results), weights.py (save_detector, load_detector, build_detector).
+See each module's docstring.
+
+The names below are imported on first use (PEP 562), so reading a recipe (`slsd_cli.recipe`, which
+needs only `model_config`) does not import torch: `slsd --help` and `slsd recipe show` stay fast.
 """
 
-from slsd_cli.model.config import ModelConfig, tiny_cnn_config, tiny_eva_config
-from slsd_cli.model.detector import CascadeMaskRCNN
-from slsd_cli.model.postprocess import paste_masks, to_results
-from slsd_cli.model.weights import build_detector, load_detector, save_detector
+from __future__ import annotations
 
-__all__ = ["ModelConfig", "tiny_cnn_config", "tiny_eva_config", "CascadeMaskRCNN", "paste_masks", "to_results",
-           "build_detector", "load_detector", "save_detector"]
+import importlib
+from typing import Any
+
+_HOME = {
+    "ModelConfig": "model_config", "tiny_cnn_config": "model_config", "tiny_eva_config": "model_config",
+    "CascadeMaskRCNN": "detector", "paste_masks": "postprocess", "to_results": "postprocess",
+    "build_detector": "weights", "load_detector": "weights", "save_detector": "weights",
+}
+
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'slsd_cli.model' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"slsd_cli.model.{_HOME[name]}"), name)

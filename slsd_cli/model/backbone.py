@@ -13,14 +13,24 @@ embeddings are kept at the `image_size / patch_size` grid (bicubic-resampled on 
 input grid). Drop path rises linearly to `drop_path`; there is no final norm.
 
 Pretrained weights: by name through timm's hub download (`timm.create_model(name, pretrained=True,
-patch_size=16, img_size=...)`), or from a local file (safetensors, or a torch file read with
-weights_only=True; timm or original EVA key names, optionally wrapped in "model"/"module"/...), run
-through timm's EVA checkpoint filter. Either way timm converts the key names and resamples the
-patch-14 kernel to patch 16 (`resample_patch_embed`) and the position embedding to our grid; we copy
-patch embedding, position embedding (without the class token) and blocks, and refuse a checkpoint
-that lacks any of them or has other shapes. Padded windows mask their padding (detectron2's ViTDet
-lets zero padding take part in attention; masking makes a token's output independent of how much
-padding its window holds). A timm CNN with features_only=True gets its weights from timm directly.
+patch_size=16, img_size=<the weights' own grid>)`), or from a local file (safetensors, or a torch file
+read with weights_only=True; timm or original EVA key names, optionally wrapped in "model"/"module"/...),
+run through timm's EVA checkpoint filter. Either way timm converts the key names and resamples the
+patch-14 kernel to patch 16 (`resample_patch_embed`); the position embedding is resampled to our grid
+with plain bicubic interpolation (`resample_pos_embed`: no antialiasing, as EVA-02's detector does on
+every forward — timm's default antialiased resampling changes the table by up to 8%). We copy patch
+embedding, position embedding (without the class token) and blocks, and refuse a checkpoint that
+lacks any of them or has other shapes. A timm CNN with features_only=True gets its weights from timm.
+
+Input canvas (`Backbone.canvas`): a ViT always sees the square canvas it was trained on — at least
+`image_size` x `image_size`, zero-padded at the bottom/right (ViTDet's square padding) — so the
+position table and the global RoPE grid never stretch to a non-square image and an image's features
+do not depend on the other images of its batch. A CNN only pads to its size divisibility.
+
+Padded windows (a grid that is not a multiple of `window_size`): with `window_key_mask` (default) the
+padded keys are masked out, so a token's output does not depend on how much padding its window
+holds; `window_key_mask: false` lets the zero padding take part in attention as detectron2's ViTDet
+and EVA-02 do (for reproducing a converted detector exactly on such grids).
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from slsd_cli.errors import InputError
-from slsd_cli.model.config import ModelConfig
+from slsd_cli.model.model_config import ModelConfig
 
 PYRAMID_STRIDES = [4, 8, 16, 32, 64]
 
@@ -65,6 +75,18 @@ def default_global_blocks(depth: int) -> list[int]:
     return sorted({(i + 1) * depth // 4 - 1 for i in range(4)} - {-1})
 
 
+def resample_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+    """A position table [1, oh*ow, D] (no prefix tokens) -> [1, nh*nw, D] by plain bicubic
+    interpolation (align_corners=False, no antialiasing: EVA-02 / ViTDet's `get_abs_pos`)."""
+    (oh, ow), (nh, nw) = old_grid, new_grid
+    if (oh, ow) == (nh, nw):
+        return pos
+    d = pos.shape[-1]
+    grid = pos.reshape(1, oh, ow, d).permute(0, 3, 1, 2).float()
+    out = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False, antialias=False)
+    return out.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(pos.dtype)
+
+
 class EVA02ViT(nn.Module):
     """EVA-02 ViT with windowed attention; forward(x [B,3,H,W], H and W multiples of the patch)
     -> [B, D, H/patch, W/patch]."""
@@ -85,6 +107,7 @@ class EVA02ViT(nn.Module):
         self.head_dim = self.embed_dim // self.num_heads
         self.patch_size = cfg.patch_size
         self.window_size = cfg.window_size
+        self.window_key_mask = cfg.window_key_mask
         globals_ = default_global_blocks(self.depth) if cfg.global_blocks is None else list(cfg.global_blocks)
         if any(not 0 <= g < self.depth for g in globals_):
             raise InputError(f"global_blocks {globals_} must lie in 0..{self.depth - 1}", record="model")
@@ -133,10 +156,7 @@ class EVA02ViT(nn.Module):
     def abs_pos(self, h: int, w: int) -> Tensor:
         if (h, w) == self.grid:
             return self.pos_embed.view(1, h, w, -1)
-        from timm.layers import resample_abs_pos_embed
-
-        pos = resample_abs_pos_embed(self.pos_embed, new_size=[h, w], old_size=list(self.grid), num_prefix_tokens=0)
-        return pos.view(1, h, w, -1)
+        return resample_pos_embed(self.pos_embed, self.grid, (h, w)).view(1, h, w, -1)
 
     # ------------------------------------------------------------------ forward
     def _attention(self, blk: nn.Module, x: Tensor, windowed: bool) -> Tensor:
@@ -153,7 +173,8 @@ class EVA02ViT(nn.Module):
         nh, nw = hp // ws, wp // ws
         x = x.view(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, ws * ws, c)
         mask = None
-        if ph or pw:  # padded tokens are never attended to (each window keeps >= 1 real token)
+        # padded keys are never attended to (each window keeps >= 1 real token), unless switched off
+        if (ph or pw) and self.window_key_mask:
             valid = torch.zeros(hp, wp, dtype=torch.bool, device=x.device)
             valid[:h, :w] = True
             valid = valid.view(nh, ws, nw, ws).permute(0, 2, 1, 3).reshape(nh * nw, 1, 1, ws * ws)
@@ -198,6 +219,9 @@ class EVA02ViT(nn.Module):
                 raise InputError(f"backbone weights lack {key!r}", path=source)
             if key == "pos_embed":
                 src = src[:, num_prefix_tokens:]
+                side = math.isqrt(src.shape[1])
+                if side * side == src.shape[1] and src.shape[-1] == value.shape[-1] and (side, side) != self.grid:
+                    src = resample_pos_embed(src, (side, side), self.grid)
             if src.shape != value.shape:
                 raise InputError(f"backbone weight {key!r} has shape {tuple(src.shape)}, expected "
                                  f"{tuple(value.shape)}", path=source)
@@ -274,6 +298,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.is_vit = cfg.backbone in EVA_PRESETS
         self.out_channels = cfg.fpn_channels
+        self.image_size = cfg.image_size
         if self.is_vit:
             self.trunk = EVA02ViT(cfg)
             self.pyramid = SimpleFeaturePyramid(self.trunk.embed_dim, cfg.fpn_channels)
@@ -299,6 +324,16 @@ class Backbone(nn.Module):
             self.size_divisibility = 32
             self.feature_dim, self.feature_stride = channels[levels[-1]], 32
         load_backbone_weights(self, cfg)
+
+    def canvas(self, height: int, width: int, min_side: int | None = None) -> tuple[int, int]:
+        """The padded input size for images of at most height x width: for a ViT the square canvas of
+        side >= `min_side` (default: the trained `image_size`), for a CNN the size-divisible box."""
+        d = self.size_divisibility
+        if self.is_vit:
+            side = max(height, width, self.image_size if min_side is None else min_side)
+            side = -(-side // d) * d
+            return side, side
+        return -(-height // d) * d, -(-width // d) * d
 
     def forward(self, x: Tensor) -> list[Tensor]:
         if self.is_vit:
@@ -343,7 +378,9 @@ def _create_timm_features(cfg: ModelConfig) -> nn.Module:
     if not timm.is_model(cfg.backbone):
         raise InputError(f"unknown backbone {cfg.backbone!r}: use one of {sorted(EVA_PRESETS)} or a timm model "
                          "name (e.g. resnet18)", record="model.backbone")
-    kwargs = dict(features_only=True)
+    from slsd_cli.timm_models import PACKAGED, architecture_kwargs, create_packaged
+
+    kwargs = dict(features_only=True, **architecture_kwargs(cfg.backbone))
     if cfg.drop_path > 0:
         kwargs["drop_path_rate"] = cfg.drop_path
     want = cfg.weights is not None or cfg.pretrained
@@ -353,6 +390,8 @@ def _create_timm_features(cfg: ModelConfig) -> nn.Module:
             _check_weights_file(cfg.weights)
             kwargs["pretrained_cfg_overlay"] = dict(file=str(cfg.weights))
     name = cfg.pretrained_name or cfg.backbone
+    if cfg.weights is None and cfg.pretrained and name in PACKAGED:  # weights shipped in a package: offline
+        return create_packaged(name, **{k: v for k, v in kwargs.items() if k != "pretrained"})
     try:
         try:
             return timm.create_model(name, **kwargs)
@@ -396,6 +435,38 @@ def _read_weights_file(path: str) -> dict:
     return state
 
 
+def _pos_grid_side(state: dict) -> int | None:
+    """The side of the square position grid of an EVA / timm checkpoint (class token or not)."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            found = _pos_grid_side(value)
+            if found is not None:
+                return found
+        elif str(key).endswith("pos_embed") and isinstance(value, torch.Tensor) and value.dim() == 3:
+            for tokens in (value.shape[1], value.shape[1] - 1):
+                side = math.isqrt(max(tokens, 0))
+                if side > 0 and side * side == tokens:
+                    return side
+    return None
+
+
+def _native_img_size(name: str, patch_size: int) -> int | None:
+    """The input size at our patch size that keeps a timm EVA checkpoint's own position grid
+    (e.g. eva02_large_patch14_224: 16 x 16 -> 256 at patch 16); None when unknown."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(name.split(".")[0])
+    size = getattr(cfg, "input_size", None) if cfg is not None else None
+    arch = name.split(".")[0]
+    if not size or "_patch" not in arch:
+        return None
+    try:
+        src_patch = int(arch.split("_patch")[1].split("_")[0])
+    except ValueError:
+        return None
+    return int(size[-1]) // src_patch * patch_size
+
+
 def load_backbone_weights(backbone: Backbone, cfg: ModelConfig) -> None:
     """EVA: pretrained timm weights (by name, through timm's hub download) or a local file (EVA /
     timm key names; timm's EVA checkpoint filter converts them and resamples the patch kernel and
@@ -412,15 +483,23 @@ def load_backbone_weights(backbone: Backbone, cfg: ModelConfig) -> None:
         name = (cfg.pretrained_name or preset.timm_arch).split(".")[0]
         state = _read_weights_file(cfg.weights)
         try:
-            skeleton = timm.create_model(name, pretrained=False, **vit.timm_kwargs())
+            kwargs = vit.timm_kwargs()
+            side = _pos_grid_side(state)
+            if side is not None:  # keep the file's position grid; load_timm_state resamples it (plain bicubic)
+                kwargs["img_size"] = side * vit.patch_size
+            skeleton = timm.create_model(name, pretrained=False, **kwargs)
             state = checkpoint_filter_fn(state, skeleton)
         except Exception as exc:
             raise _weights_error(cfg, exc, name) from exc
         vit.load_timm_state(state, getattr(skeleton, "num_prefix_tokens", 1), source=cfg.weights)
         return
     name = cfg.pretrained_name or f"{preset.timm_arch}.{preset.timm_tag}"
+    kwargs = vit.timm_kwargs()
+    native = _native_img_size(name, vit.patch_size)
+    if native is not None:  # keep the weights' own position grid; load_timm_state resamples it (plain bicubic)
+        kwargs["img_size"] = native
     try:
-        model = timm.create_model(name, pretrained=True, **vit.timm_kwargs())
+        model = timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:
         raise _weights_error(cfg, exc, name) from exc
     vit.load_timm_state(model.state_dict(), getattr(model, "num_prefix_tokens", 1), source=name)

@@ -6,6 +6,17 @@ class logits and one class-agnostic box delta (weights `cascade_box_weights[k]`)
 takes the RPN proposals plus the ground-truth boxes and samples `rois_per_image` RoIs with at most
 `positive_fraction` positives; stage k+1 takes stage k's regressed (detached, clipped) boxes.
 Inference: the stages' class probabilities are averaged, boxes come from the last stage.
+
+Ignore regions (a target's optional `ignore_boxes [K, 4]`; docs/method.md): in every stage, a
+background RoI whose best IoU with an ignore region is >= that stage's foreground IoU gets zero
+classification weight (background RoIs have no box or mask loss). Sampling and every other RoI's
+term are exactly as without the regions; the normaliser (the number of RoIs) is unchanged.
+
+Soft background (a target's optional `background_scorer`, a function boxes [n, 4] -> the teacher's
+background probability [n]; docs/method.md): the image's stage-0 RoIs are scored once, and in every
+stage each background RoI's classification term is weighted by its score, normalised to mean 1 over
+the image's background RoIs of that stage (Soft Teacher's reliability weighting). Foreground terms
+are untouched.
 """
 
 from __future__ import annotations
@@ -18,10 +29,10 @@ from torch import Tensor, nn
 from torchvision.ops import box_iou
 
 from slsd_cli.model.box_coder import BoxCoder, clip_boxes
-from slsd_cli.model.config import ModelConfig
+from slsd_cli.model.model_config import ModelConfig
 from slsd_cli.model.losses import (box_regression_loss, federated_classes, gather_class_targets,
                                    sigmoid_classification_loss, softmax_classification_loss)
-from slsd_cli.model.matching import match, sample
+from slsd_cli.model.proposal_matching import in_ignore_regions, match, sample
 from slsd_cli.model.poolers import MultiLevelRoIAlign
 
 
@@ -137,6 +148,9 @@ class CascadeHeads(nn.Module):
         roi_weights = torch.cat(weights)
         if bool((roi_weights == 1).all()):
             roi_weights = None
+        with torch.no_grad():  # the teacher's background probability of each stage-0 RoI (soft background)
+            reliability = [None if t.get("background_scorer") is None else t["background_scorer"](b).to(b.dtype)
+                           for b, t in zip(boxes, targets)]
         losses = {}
         for k, (stage, coder) in enumerate(zip(self.stages, self.coders)):
             if k > 0:
@@ -145,6 +159,8 @@ class CascadeHeads(nn.Module):
             feats = scale_gradient(self.pooler(features, boxes), 1.0 / self.num_stages)
             logits, deltas = stage(feats)
             fg = torch.cat(foreground)
+            cls_weights = self._classification_weights(boxes, targets, foreground, roi_weights, reliability,
+                                                       self.cfg.cascade_ious[k])
             with torch.no_grad():
                 soft = torch.cat([gather_class_targets(t["class_targets"], m, f)
                                   for t, m, f in zip(targets, matched, foreground)])
@@ -159,15 +175,39 @@ class CascadeHeads(nn.Module):
                 fed = None
                 if self.cfg.use_federated:
                     fed = federated_classes(soft, self.class_weights, self.cfg.federated_num_classes)
-                losses[f"cls_stage{k}"] = sigmoid_classification_loss(logits, soft, roi_weights, fed)
+                losses[f"cls_stage{k}"] = sigmoid_classification_loss(logits, soft, cls_weights, fed)
             else:
-                losses[f"cls_stage{k}"] = softmax_classification_loss(logits, soft, fg, roi_weights)
+                losses[f"cls_stage{k}"] = softmax_classification_loss(logits, soft, fg, cls_weights)
             losses[f"box_stage{k}"] = box_regression_loss(deltas, target_deltas, fg, roi_weights)
             if k + 1 < self.num_stages:
                 with torch.no_grad():
                     new = coder.decode(deltas.detach(), torch.cat(boxes))
                     boxes = [clip_boxes(b, h, w) for b, (h, w) in zip(new.split([len(b) for b in boxes]), image_sizes)]
         return losses, sampled
+
+    @torch.no_grad()
+    def _classification_weights(self, boxes: list[Tensor], targets: list[dict], foreground: list[Tensor],
+                                roi_weights: Tensor | None, reliability: list[Tensor | None],
+                                iou: float) -> Tensor | None:
+        """The classification weights [N] of a stage: `roi_weights`, times the soft-background weight
+        of each background RoI (its `reliability` over the mean of the image's background RoIs), and
+        0 for the background RoIs in an ignore region (IoU >= `iou`). `roi_weights` itself (the exact
+        plain path) when no image has ignore regions or a background scorer."""
+        ignored = [in_ignore_regions(b, t.get("ignore_boxes"), iou) for b, t in zip(boxes, targets)]
+        if all(m is None for m in ignored) and all(r is None for r in reliability):
+            return roi_weights
+        factors = []
+        for f, m, r in zip(foreground, ignored, reliability):
+            factor = torch.ones(f.shape[0], device=f.device)
+            background = ~f
+            if r is not None and bool(background.any()):
+                mean = (r * background).sum() / background.sum()
+                factor = torch.where(background, r / mean.clamp_min(torch.finfo(r.dtype).tiny), factor)
+            if m is not None:
+                factor = torch.where(m & background, torch.zeros_like(factor), factor)
+            factors.append(factor)
+        factor = torch.cat(factors)
+        return factor if roi_weights is None else roi_weights * factor
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

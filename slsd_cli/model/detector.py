@@ -7,16 +7,26 @@ Public interface
   batch (normalisation and zeroing of the padding happen inside); image_sizes the valid (h, w) of
   each image; targets[i] = {"boxes" [G,4] xyxy px, "labels" [G] long in 0..C-1, "masks" [G,h,w]
   uint8/bool (image-sized or batch-padded), optional "class_targets" [G,C] soft targets (default
-  one-hot), optional "loss_weight" float}. Returns the named scalar losses rpn_cls, rpn_box,
-  cls_stage{k}, box_stage{k} (k = 0, 1, 2) and mask; their sum is the total loss. G = 0 is allowed.
-- `predict(images, image_sizes)` -> per image {"boxes" [N,4] xyxy input px, "scores" [N], "labels"
-  [N], "probs" [N,C] stage-averaged class probabilities (sigmoid, or the C foreground columns of
+  one-hot), optional "loss_weight" float, optional "ignore_boxes" [K,4] xyxy px: regions whose
+  overlapping proposals and anchors get no background loss (docs/method.md, the ignore band),
+  optional "background_scorer": boxes [n,4] -> [n] background probabilities weighting the background
+  RoIs' classification terms (soft background; see `background_scorers`)}. Returns the named scalar
+  losses rpn_cls, rpn_box, cls_stage{k}, box_stage{k} (k = 0, 1, 2) and mask; their sum is the total
+  loss. G = 0 is allowed.
+- `predict(images, image_sizes, score_threshold=None, canvas=None)` -> per image {"boxes" [N,4] xyxy
+  input px, "scores" [N], "labels" [N], "probs" [N,C] stage-averaged class probabilities (sigmoid, or the C foreground columns of
   the softmax; background = 1 - sum), "mask_probs" [N,28,28] for the predicted class}. Runs in
-  eval mode whatever the module's mode, and restores it.
-- `backbone_feature_map(images, image_sizes=None)` -> ([B, D, h, w], stride): the plain backbone
-  map (ViT tokens / CNN stride-32 stage) for class prototypes.
-- `layer_ids()` -> ({param name: layer id}, num_layers) and `param_groups(lr, weight_decay,
-  layer_decay)` for layer-wise lr decay: lr scale = layer_decay ** (num_layers + 1 - id); heads and
+  eval mode whatever the module's mode, and restores it. `score_threshold` replaces the config's
+  `test_score_threshold` for this call (candidates under it never reach NMS and the mask head).
+- `background_scorers(images, image_sizes)` -> per image, a function boxes [n,4] -> the network's
+  background probability [n] of each box (a teacher scoring a student's RoIs; docs/method.md).
+- `backbone_feature_map(images, image_sizes=None, canvas=None)` -> ([B, D, h, w], stride): the plain
+  backbone map (ViT tokens / CNN stride-32 stage) for class prototypes, over the padded canvas.
+- Padding (`preprocess`): a ViT backbone always sees its square training canvas (side >= `canvas`,
+  default `image_size`; ViTDet's square padding), a CNN the size-divisible box (`Backbone.canvas`),
+  so an image's detections do not depend on the other images of its batch.
+- `layer_ids()` -> ({param name: layer id}, num_layers) for layer-wise lr decay
+  (`engine.optim.param_groups`: lr scale = layer_decay ** (num_layers + 1 - id)); heads and
   pyramid have id num_layers + 1.
 """
 
@@ -29,7 +39,7 @@ from torch import Tensor, nn
 from slsd_cli.errors import InputError
 from slsd_cli.model.backbone import Backbone
 from slsd_cli.model.cascade import CascadeHeads
-from slsd_cli.model.config import ModelConfig
+from slsd_cli.model.model_config import ModelConfig
 from slsd_cli.model.losses import mask_loss
 from slsd_cli.model.mask_head import MaskHead, mask_targets, select_class
 from slsd_cli.model.poolers import MultiLevelRoIAlign
@@ -61,9 +71,10 @@ class CascadeMaskRCNN(nn.Module):
         self.mask_head = MaskHead(channels, cfg.mask_head_convs, cfg.mask_head_channels, num_classes)
 
     # ------------------------------------------------------------------ input
-    def preprocess(self, images: Tensor, image_sizes: list[tuple[int, int]] | None) -> Tensor:
+    def preprocess(self, images: Tensor, image_sizes: list[tuple[int, int]] | None,
+                   canvas: int | None = None) -> Tensor:
         """Normalise, zero the padding (as detectron2 pads after normalising), pad to the backbone's
-        size divisibility."""
+        canvas (a ViT: the square of side >= `canvas`, default image_size; a CNN: size divisibility)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise InputError(f"images must be a [B, 3, H, W] batch, got shape {tuple(images.shape)}", record="model")
         x = (images.float() - self.pixel_mean) / self.pixel_std
@@ -79,8 +90,8 @@ class CascadeMaskRCNN(nn.Module):
                 rows = torch.arange(h_max, device=x.device).view(1, 1, -1, 1)
                 cols = torch.arange(w_max, device=x.device).view(1, 1, 1, -1)
                 x = x * ((rows < hs) & (cols < ws)).to(x.dtype)
-        d = self.backbone.size_divisibility
-        ph, pw = (-x.shape[-2]) % d, (-x.shape[-1]) % d
+        height, width = self.backbone.canvas(x.shape[-2], x.shape[-1], canvas)
+        ph, pw = height - x.shape[-2], width - x.shape[-1]
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
         return x
@@ -120,8 +131,13 @@ class CascadeMaskRCNN(nn.Module):
                 soft = F.one_hot(labels, c).float()
             weight = t.get("loss_weight", 1.0)
             weight = float(weight.item() if isinstance(weight, Tensor) else weight)
+            ignore = t.get("ignore_boxes")
+            ignore = boxes.new_zeros((0, 4)) if ignore is None else ignore.to(device=device, dtype=torch.float32)
+            if ignore.dim() != 2 or ignore.shape[1] != 4 or not bool(torch.isfinite(ignore).all()):
+                raise InputError(f"ignore_boxes must be finite [K, 4], got {tuple(ignore.shape)}", record=where)
             out.append({"boxes": boxes, "labels": labels, "masks": masks, "class_targets": soft,
-                        "loss_weight": weight})
+                        "loss_weight": weight, "ignore_boxes": ignore,
+                        "background_scorer": t.get("background_scorer")})
         return out
 
     # ------------------------------------------------------------------ training
@@ -163,26 +179,29 @@ class CascadeMaskRCNN(nn.Module):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict]:
+    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]], score_threshold: float | None = None,
+                canvas: int | None = None) -> list[dict]:
         was_training = self.training
         self.eval()
         try:
-            return self._predict(images, [(int(h), int(w)) for h, w in image_sizes])
+            threshold = self.cfg.test_score_threshold if score_threshold is None else float(score_threshold)
+            return self._predict(images, [(int(h), int(w)) for h, w in image_sizes], threshold, canvas)
         finally:
             self.train(was_training)
 
-    def _predict(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list[dict]:
+    def _predict(self, images: Tensor, image_sizes: list[tuple[int, int]], score_threshold: float,
+                 canvas: int | None) -> list[dict]:
         from torchvision.ops import batched_nms
 
         cfg = self.cfg
-        x = self.preprocess(images, image_sizes)
+        x = self.preprocess(images, image_sizes, canvas)
         features = self.backbone(x)
         proposals, _ = self.rpn(features, image_sizes)
         boxes, probs = self.roi_heads.forward_test(features[:4], proposals, image_sizes)
         results = []
         for b, p in zip(boxes, probs):
             valid = torch.isfinite(b).all(1) & torch.isfinite(p).all(1)
-            cand = (p > cfg.test_score_threshold) & valid.unsqueeze(1)
+            cand = (p > score_threshold) & valid.unsqueeze(1)
             roi, cls = torch.nonzero(cand, as_tuple=True)
             scores = p[roi, cls]
             keep = batched_nms(b[roi], scores, cls, cfg.test_nms)[:cfg.max_detections]
@@ -200,11 +219,40 @@ class CascadeMaskRCNN(nn.Module):
             r["mask_probs"] = mp
         return results
 
+    @torch.no_grad()
+    def background_scorers(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list:
+        """Per image, a function `boxes [n, 4]` (input px) -> background probability `[n]` of each box
+        as this network scores it: the cascade run on the boxes as proposals, stage-averaged class
+        probabilities as in `predict`, background = 1 - sum (softmax) or 1 - max (sigmoid) over the
+        classes. The backbone runs once here (eval mode); each call runs only the box heads."""
+        was_training = self.training
+        self.eval()
+        try:
+            sizes = [(int(h), int(w)) for h, w in image_sizes]
+            features = self.backbone(self.preprocess(images, sizes))[:4]
+        finally:
+            self.train(was_training)
+
+        def scorer(i: int):
+            @torch.no_grad()
+            def score(boxes: Tensor) -> Tensor:
+                if boxes.shape[0] == 0:
+                    return boxes.new_zeros(0)
+                _, probs = self.roi_heads.forward_test([f[i:i + 1] for f in features], [boxes.detach().float()],
+                                                       [sizes[i]])
+                p = probs[0]
+                fg = p.sum(dim=1) if self.cfg.classifier == "softmax" else p.max(dim=1).values
+                return (1.0 - fg).clamp(0.0, 1.0)
+            return score
+
+        return [scorer(i) for i in range(len(sizes))]
+
     # ------------------------------------------------------------------ prototypes and optimiser
-    def backbone_feature_map(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None
-                             ) -> tuple[Tensor, int]:
-        """Plain backbone features [B, D, h, w] of 0..255 RGB images, and their stride in input pixels."""
-        return self.backbone.feature_map(self.preprocess(images, image_sizes))
+    def backbone_feature_map(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None,
+                             canvas: int | None = None) -> tuple[Tensor, int]:
+        """Plain backbone features [B, D, h, w] of 0..255 RGB images over the padded canvas (see
+        `preprocess`), and their stride in input pixels."""
+        return self.backbone.feature_map(self.preprocess(images, image_sizes, canvas))
 
     def layer_ids(self) -> tuple[dict[str, int], int]:
         backbone_ids, num_layers = self.backbone.layer_ids()
@@ -215,25 +263,3 @@ class CascadeMaskRCNN(nn.Module):
             else:
                 ids[name] = num_layers + 1
         return ids, num_layers
-
-    def param_groups(self, lr: float, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
-        """AdamW groups: lr * layer_decay ** (num_layers + 1 - layer id); no weight decay on norm
-        layers and position embeddings (as detectron2's ViTDet recipe). Each group carries its
-        `lr_scale` so a scheduler can rescale `lr` per group."""
-        ids, num_layers = self.layer_ids()
-        no_decay = set()
-        for mname, module in self.named_modules():
-            if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)):
-                no_decay.update(f"{mname}.{p}" if mname else p for p, _ in module.named_parameters(recurse=False))
-        groups: dict[tuple[int, bool], dict] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            decay = not (name in no_decay or name.endswith("pos_embed"))
-            key = (ids[name], decay)
-            if key not in groups:
-                scale = layer_decay ** (num_layers + 1 - ids[name])
-                groups[key] = {"params": [], "lr": lr * scale, "lr_scale": scale, "layer_id": ids[name],
-                               "weight_decay": weight_decay if decay else 0.0}
-            groups[key]["params"].append(param)
-        return [groups[k] for k in sorted(groups)]

@@ -3,7 +3,9 @@ losses, and proposals (per-level top-k, decode, clip, per-level NMS, per-image t
 
 Losses (as detectron2's RPN): objectness BCE over the sampled anchors and L1 box regression over
 the sampled positives, both summed and divided by `batch_size_per_image * num_images`.
-An image's `loss_weight` multiplies its anchors' terms.
+An image's `loss_weight` multiplies its anchors' terms. A negative anchor overlapping one of the
+image's `ignore_boxes` at IoU >= the positive threshold is ignored (not sampled), like an anchor
+between the two thresholds (docs/method.md, the ignore band).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou
 
 from slsd_cli.model.box_coder import BoxCoder, clip_boxes, nonempty
-from slsd_cli.model.config import ModelConfig
-from slsd_cli.model.matching import match, sample
+from slsd_cli.model.model_config import ModelConfig
+from slsd_cli.model.proposal_matching import in_ignore_regions, match, sample
 
 
 class AnchorGenerator(nn.Module):
@@ -143,6 +145,9 @@ class RPN(nn.Module):
             with torch.no_grad():
                 idx, labels = match(box_iou(gt, anchors), cfg.rpn_iou_thresholds[0], cfg.rpn_iou_thresholds[1],
                                     allow_low_quality=True)
+                ignored = in_ignore_regions(anchors, t.get("ignore_boxes"), cfg.rpn_iou_thresholds[1])
+                if ignored is not None:
+                    labels[(labels == 0) & ignored] = -1
                 pos, neg = sample(labels, n, cfg.rpn_positive_fraction)
             chosen = torch.cat([pos, neg])
             target = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(logits)

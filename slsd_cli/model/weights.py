@@ -7,7 +7,8 @@ A saved detector is a directory with
 Both are written atomically. `load_detector` rebuilds the model from the json (random init, no
 backbone weight download), then loads the tensors strictly: a missing, unexpected or differently
 shaped tensor, or categories that disagree (between the two files, or with the caller's list), is
-an InputError naming the file.
+an InputError naming the file. `build_detector` with `cfg.init_from = RUN` starts from a saved
+detector's tensors (the same strict checks; its category ids must equal the given ones, in order).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 
 import torch
 
-from slsd_cli.config import from_dict, to_dict
+from slsd_cli.typed_yaml import from_dict, to_dict
 from slsd_cli.errors import InputError
-from slsd_cli.io import atomic_write_json, load_safetensors, read_json, save_safetensors_atomic
-from slsd_cli.model.config import ModelConfig
+from slsd_cli.io import (atomic_write_json, json_metadata, load_safetensors, make_dirs, read_json,
+                         save_safetensors_atomic)
+from slsd_cli.model.model_config import ModelConfig
 from slsd_cli.model.detector import CascadeMaskRCNN
 
 FORMAT = "slsd-detector/1"
@@ -54,7 +56,19 @@ def build_detector(cfg: ModelConfig, categories: list[dict]) -> CascadeMaskRCNN:
         from slsd_cli.progress import warn
 
         warn("categories lack image_count: the federated loss samples classes uniformly")
+    if cfg.init_from:  # every tensor comes from the run: no backbone download or weights file
+        model = CascadeMaskRCNN(dataclasses.replace(cfg, pretrained=False, weights=None), len(categories), counts)
+        model.cfg = cfg
+        init_from_run(model, cfg.init_from, categories)
+        return model
     return CascadeMaskRCNN(cfg, len(categories), counts)
+
+
+def init_from_run(model: CascadeMaskRCNN, run: str | Path, categories: list[dict]) -> None:
+    """Copy a saved detector's tensors into `model` (strict), after checking its categories."""
+    tensors, meta, weights_path, meta_path = read_saved(run)
+    _check_categories(meta, categories, meta_path, "model.init_from")
+    load_strict(model, tensors, weights_path, meta_path.name)
 
 
 def save_detector(model: CascadeMaskRCNN, out_dir: str | Path, categories: list[dict], model_cfg: ModelConfig,
@@ -65,7 +79,7 @@ def save_detector(model: CascadeMaskRCNN, out_dir: str | Path, categories: list[
     if len(categories) != model.num_classes:
         raise InputError(f"{len(categories)} categories for a model with {model.num_classes} classes",
                          path=out_dir)
-    ignore = ("pretrained", "pretrained_name", "weights")
+    ignore = ("pretrained", "pretrained_name", "weights", "init_from")
     given = {k: v for k, v in to_dict(model_cfg).items() if k not in ignore}
     built = {k: v for k, v in to_dict(model.cfg).items() if k not in ignore}
     if given != built:
@@ -75,7 +89,7 @@ def save_detector(model: CascadeMaskRCNN, out_dir: str | Path, categories: list[
     state = dict(model.state_dict())
     metadata = {"format": FORMAT, "num_classes": str(model.num_classes),
                 "category_ids": json.dumps([c["id"] for c in categories])}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     save_safetensors_atomic(state, out_dir / WEIGHTS_NAME, metadata=metadata)
     meta = {"format": FORMAT, "model": to_dict(model_cfg), "num_classes": model.num_classes,
             "categories": categories, "extra": extra or {}}
@@ -91,10 +105,9 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return path, path.with_name(META_NAME)
 
 
-def load_detector(path: str | Path, device: str | torch.device = "cpu",
-                  categories: list[dict] | None = None) -> tuple[CascadeMaskRCNN, dict[str, Any]]:
-    """Load a saved detector (run dir, model.safetensors or model.json). With `categories`, refuse
-    a checkpoint whose category ids (in order) differ. -> (model in eval mode on device, meta)."""
+def read_saved(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path, Path]:
+    """A saved detector's (tensors, model.json, weights path, json path), with the two files' category
+    ids checked against each other."""
     weights_path, meta_path = _paths(path)
     if not weights_path.is_file():
         raise InputError("no model.safetensors here (expected a run dir or a model.safetensors file)",
@@ -106,22 +119,48 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu",
     for key in ("model", "categories", "num_classes"):
         if key not in meta:
             raise InputError(f"missing {key!r}", path=meta_path)
-    cfg = from_dict(ModelConfig, meta["model"], source=meta_path, prefix="model.")
-    cfg = dataclasses.replace(cfg, pretrained=False, weights=None)  # the tensors come from the checkpoint
-    cats = meta["categories"]
-    if len(cats) != meta["num_classes"]:
-        raise InputError(f"{len(cats)} categories but num_classes = {meta['num_classes']}", path=meta_path)
-    ids = [c["id"] for c in cats]
-    if categories is not None:
-        want = [c["id"] for c in categories]
-        if want != ids:
-            diff = next((i for i, (a, b) in enumerate(zip(want, ids)) if a != b), min(len(want), len(ids)))
-            raise InputError(f"the checkpoint's {len(ids)} categories differ from the {len(want)} expected "
-                             f"(first difference at class index {diff})", path=meta_path)
+    _check_meta_types(meta, meta_path)
+    if len(meta["categories"]) != meta["num_classes"]:
+        raise InputError(f"{len(meta['categories'])} categories but num_classes = {meta['num_classes']}",
+                         path=meta_path)
     tensors, metadata = load_safetensors(weights_path)
-    if metadata.get("category_ids") is not None and json.loads(metadata["category_ids"]) != ids:
+    ids = [c["id"] for c in meta["categories"]]
+    if metadata.get("category_ids") is not None and json_metadata(metadata, "category_ids", weights_path) != ids:
         raise InputError(f"category ids in the weights disagree with {meta_path.name}", path=weights_path)
-    model = build_detector(cfg, cats)
+    return tensors, meta, weights_path, meta_path
+
+
+def _check_meta_types(meta: dict, meta_path: Path) -> None:
+    """model.json's numbers and ids have the right types (a corrupt file stops here, in one line)."""
+    from slsd_cli.data.lvis import check_number
+
+    check_number(meta["num_classes"], "num_classes", path=meta_path, integer=True, minimum=1)
+    if not isinstance(meta["model"], dict):
+        raise InputError("'model' must be an object (the model: section of the recipe)", path=meta_path)
+    if not isinstance(meta["categories"], list):
+        raise InputError("'categories' must be a list of category objects", path=meta_path)
+    for i, category in enumerate(meta["categories"]):
+        if not isinstance(category, dict):
+            raise InputError("must be an object", path=meta_path, record=f"categories[{i}]")
+        check_number(category.get("id"), "id", path=meta_path, record=f"categories[{i}]", integer=True)
+        for key in ("image_count", "instance_count"):
+            if key in category:
+                check_number(category[key], key, path=meta_path, record=f"categories[{i}]", integer=True, minimum=0)
+
+
+def _check_categories(meta: dict, categories: list[dict], meta_path: Path, record: str | None = None) -> None:
+    ids = [c["id"] for c in meta["categories"]]
+    want = [c["id"] for c in categories]
+    if want != ids:
+        diff = next((i for i, (a, b) in enumerate(zip(want, ids)) if a != b), min(len(want), len(ids)))
+        raise InputError(f"the checkpoint's {len(ids)} categories differ from the {len(want)} expected "
+                         f"(first difference at class index {diff})", path=meta_path, record=record)
+
+
+def load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path,
+                described_by: str = META_NAME) -> None:
+    """Load `tensors` into `model`: every tensor present, none extra, equal shapes (else an
+    InputError naming the first offending key)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -131,12 +170,26 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu",
             parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        raise InputError(f"weights do not fit the model described in {meta_path.name}: " + ", ".join(parts),
-                         path=weights_path)
+        raise InputError(f"weights do not fit the model described in {described_by}: " + ", ".join(parts),
+                         path=source)
     for key, value in own.items():
         if tensors[key].shape != value.shape:
             raise InputError(f"tensor {key} has shape {tuple(tensors[key].shape)}, the model expects "
-                             f"{tuple(value.shape)}", path=weights_path)
+                             f"{tuple(value.shape)}", path=source)
     model.load_state_dict(tensors)
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu",
+                  categories: list[dict] | None = None) -> tuple[CascadeMaskRCNN, dict[str, Any]]:
+    """Load a saved detector (run dir, model.safetensors or model.json). With `categories`, refuse
+    a checkpoint whose category ids (in order) differ. -> (model in eval mode on device, meta)."""
+    tensors, meta, weights_path, meta_path = read_saved(path)
+    cfg = from_dict(ModelConfig, meta["model"], source=meta_path, prefix="model.")
+    # the tensors come from the checkpoint: no backbone download, weights file or init run
+    cfg = dataclasses.replace(cfg, pretrained=False, weights=None, init_from=None)
+    if categories is not None:
+        _check_categories(meta, categories, meta_path)
+    model = build_detector(cfg, meta["categories"])
+    load_strict(model, tensors, weights_path, meta_path.name)
     model.to(device).eval()
     return model, meta

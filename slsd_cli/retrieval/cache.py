@@ -32,7 +32,7 @@ import torch
 
 from slsd_cli import distributed
 from slsd_cli.errors import InputError
-from slsd_cli.io import atomic_write_json, save_safetensors_atomic
+from slsd_cli.io import atomic_write_json, make_dirs, save_safetensors_atomic
 from slsd_cli.retrieval.embedders import Embedder
 from slsd_cli.retrieval.images import HASH_BYTES, Item, ItemDataset, collate
 
@@ -187,7 +187,7 @@ def embed_items(items, embedder: Embedder, cache_dir: str | Path, kind: str, *, 
                "items": items_digest(items)}
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:20]
     directory = Path(cache_dir) / f"{kind}-{key}"
-    directory.mkdir(parents=True, exist_ok=True)
+    make_dirs(directory)  # below a regular file, read-only: the one-line error
     if distributed.is_main() and not (directory / "cache.json").is_file():
         atomic_write_json(directory / "cache.json", key_doc, indent=1)
     store = EmbeddingStore(directory, len(items), chunk_size, embedder.dim)

@@ -6,7 +6,8 @@ and returns float32 `[B, D]` unit vectors. Three kinds:
 * `TimmEmbedder` — any timm model with its classifier removed (`num_classes=0`: timm's pooled
   feature, the class token for DINOv2). The default is DINOv2 ViT-L/14
   (`vit_large_patch14_dinov2.lvd142m`, the paper's retrieval features). Weights: pretrained by name
-  (needs the network or a filled HF cache), `--weights FILE` (safetensors or torch state dict, loaded
+  (`efficientnet_lite0`: ImageNet weights shipped in a pip package, offline, normalised as they were
+  trained — `timm_models.PACKAGED`; any other name needs the network or a filled HF cache), `--weights FILE` (safetensors or torch state dict, loaded
   with weights_only=True and passed through timm's own checkpoint filter, so an original DINOv2
   `.pth` works too), or `--random-init` (seeded; for tests).
 * `DetectorBackboneEmbedder` (`slsd:RUN_DIR`) — the plain backbone feature map of an slsd detector
@@ -181,26 +182,31 @@ class DetectorBackboneEmbedder(Embedder):
 
     def __init__(self, run: str | Path, image_size: int | None = None, device: torch.device | str = "cpu"):
         try:
-            from slsd_cli.model.weights import WEIGHTS_NAME, load_detector
+            from slsd_cli.model.weights import WEIGHTS_NAME
+            from slsd_cli.predictor import Predictor
         except ImportError as exc:
             raise InputError(f"slsd detector checkpoints are not available ({exc})", path=run) from exc
         run = Path(run)
         self.device = torch.device(device)
-        model, meta = load_detector(run, device=self.device)
-        self.model = model.eval()
+        # the predictor pads as the model was trained (a ViT's square canvas), in fp32
+        self.predictor = Predictor.from_run(run, device=self.device, amp="fp32")
+        self.model, meta = self.predictor.model, self.predictor.meta
         weights_file = run / WEIGHTS_NAME if run.is_dir() else (run.with_name(WEIGHTS_NAME) if run.suffix == ".json"
                                                                  else run)
         size = int(image_size or meta.get("model", {}).get("image_size") or 224)
+        self.predictor = self.predictor.with_options(image_size=size)
         self.name = f"{SLSD_PREFIX}{run}"
         self.input_size = (size, size)
-        with torch.inference_mode():
-            probe, _ = self.model.backbone_feature_map(torch.zeros(1, 3, size, size, device=self.device))
-        self.dim = int(probe.shape[1])
+        self.dim = self.predictor.feature_dim
         self.fingerprint = f"slsd:{file_digest(weights_file)}:{size}"
+        if self.predictor.model.backbone.is_vit and self.predictor.canvas != size:
+            # a smaller input is padded to the ViT's square canvas now (its embeddings changed)
+            self.fingerprint += f":canvas{self.predictor.canvas}"
 
     def embed(self, images: Tensor) -> Tensor:
-        features, _ = self.model.backbone_feature_map(images.float())
-        return features.float().mean(dim=(2, 3))
+        features, _, extents = self.predictor.features(images.float())
+        rows, cols = extents[0]  # one input size: the mean over the image's cells, not the canvas padding
+        return features[:, :, :rows, :cols].mean(dim=(2, 3))
 
 
 def build_embedder(name: str, weights: str | Path | None = None, random_init: bool = False,

@@ -35,7 +35,7 @@ import numpy as np
 from slsd_cli import distributed
 from slsd_cli.data.lvis import image_file_name, load_annotations
 from slsd_cli.errors import InputError
-from slsd_cli.io import atomic_path, atomic_write_json, check_output
+from slsd_cli.io import FileSet, atomic_path, atomic_write_json, check_output
 from slsd_cli.retrieval import index as faiss_index
 from slsd_cli.retrieval.cache import embed_items, first_error, sync_errors
 from slsd_cli.retrieval.embedders import DEFAULT_EMBEDDER, build_embedder
@@ -377,62 +377,66 @@ def run_retrieve(cfg: RetrieveConfig, progress=None) -> dict[str, Any] | None:
     unlabeled = {"info": info_doc, "images": images_out, "annotations": [],
                  "categories": annotations.data["categories"]}
 
-    per_group_images: dict[str, set[int]] = {g: set() for g in groups}
-    per_group_queries = {g: 0 for g in groups}
-    with atomic_path(jsonl_path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        for qi, ann in enumerate(queries):
-            group = frequency[ann["category_id"]]
-            per_group_queries[group] += 1
-            items = []
-            for score, p in zip(scores[qi], neighbours[qi]):
-                if p < 0:
-                    continue
-                p = int(p)
-                entry = {"image_id": pool.image_id(p), "file_name": pool.file_name(p), "score": round(float(score), 6)}
-                if p in near_dup_of:
-                    entry["duplicate_of"] = pool.image_id(near_dup_of[p])
-                items.append(entry)
-                per_group_images[group].add(representative(p))
-            handle.write(json.dumps({"annotation_id": ann["id"], "image_id": ann["image_id"],
-                                     "category_id": ann["category_id"], "frequency": group,
-                                     "neighbours": items}) + "\n")
-    atomic_write_json(out_path, unlabeled)
+    # the three outputs appear together or not at all (io.FileSet)
+    with FileSet([out_path, jsonl_path, summary_path], cfg.force) as files:
+        per_group_images: dict[str, set[int]] = {g: set() for g in groups}
+        per_group_queries = {g: 0 for g in groups}
+        with atomic_path(files.stage(jsonl_path)) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+            for qi, ann in enumerate(queries):
+                group = frequency[ann["category_id"]]
+                per_group_queries[group] += 1
+                items = []
+                for score, p in zip(scores[qi], neighbours[qi]):
+                    if p < 0:
+                        continue
+                    p = int(p)
+                    entry = {"image_id": pool.image_id(p), "file_name": pool.file_name(p),
+                             "score": round(float(score), 6)}
+                    if p in near_dup_of:
+                        entry["duplicate_of"] = pool.image_id(near_dup_of[p])
+                    items.append(entry)
+                    per_group_images[group].add(representative(p))
+                handle.write(json.dumps({"annotation_id": ann["id"], "image_id": ann["image_id"],
+                                         "category_id": ann["category_id"], "frequency": group,
+                                         "neighbours": items}) + "\n")
+        atomic_write_json(files.stage(out_path), unlabeled)
 
-    bad_idx = np.flatnonzero(plan["bad"])
-    summary = {
-        "queries": {GROUP_LABELS[g]: per_group_queries[g] for g in groups},
-        "query_classes": {GROUP_LABELS[g]: len({a["category_id"] for a in queries if frequency[a["category_id"]] == g})
-                          for g in groups},
-        "images_per_group": {GROUP_LABELS[g]: len(per_group_images[g]) for g in groups},
-        "k": cfg.k,
-        "pool_images": len(pool),
-        "bad_images_skipped": int(len(bad_idx)),
-        "bad_images": [{"file_name": pool.file_name(int(i)), "error": errors.get(int(i), "")}
-                       for i in bad_idx[:MAX_LISTED_BAD]],
-        "labeled_excluded": int(plan["labeled_by_hash"].sum() + plan["labeled_by_name"].sum()),
-        "labeled_excluded_by_content": int(plan["labeled_by_hash"].sum()),
-        "labeled_excluded_by_name": int(plan["labeled_by_name"].sum()),
-        "exact_duplicates_removed": int((plan["duplicate_of"] >= 0).sum()),
-        "indexed": int(len(rows_to_pool)),
-        "selected": int(len(selected)),
-        "near_duplicates_removed": int(len(near_dup_of)),
-        "dedup_threshold": cfg.dedup_threshold,
-        "retrieved_images": int(len(final)),
-        "embedder": embedder.describe(),
-        "index": {**spec.describe(), "gpu": on_gpu,
-                  "bytes_per_vector": index.code_bytes_per_vector() if index is not None else 0,
-                  "streamed_exact": index is None,
-                  "nprobe": index.nprobe if index is not None else None,
-                  "k_factor": index.k_factor if index is not None else None,
-                  "tuning": None if tuning is None else {"recall": tuning.recall, "target": tuning.target,
-                                                          "reached": tuning.reached,
-                                                          "queries": int(len(tune_ids))}},
-        "world_size": info.world_size,
-        "cache": {"pool": str(pool_store.directory), "queries": str(query_store.directory)},
-        "outputs": {"unlabeled": str(out_path), "retrieval": str(jsonl_path), "summary": str(summary_path)},
-        "timings_s": {k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - started}.items()},
-    }
-    atomic_write_json(summary_path, summary, indent=1)
+        bad_idx = np.flatnonzero(plan["bad"])
+        summary = {
+            "queries": {GROUP_LABELS[g]: per_group_queries[g] for g in groups},
+            "query_classes": {GROUP_LABELS[g]: len({a["category_id"] for a in queries
+                                                    if frequency[a["category_id"]] == g})
+                              for g in groups},
+            "images_per_group": {GROUP_LABELS[g]: len(per_group_images[g]) for g in groups},
+            "k": cfg.k,
+            "pool_images": len(pool),
+            "bad_images_skipped": int(len(bad_idx)),
+            "bad_images": [{"file_name": pool.file_name(int(i)), "error": errors.get(int(i), "")}
+                           for i in bad_idx[:MAX_LISTED_BAD]],
+            "labeled_excluded": int(plan["labeled_by_hash"].sum() + plan["labeled_by_name"].sum()),
+            "labeled_excluded_by_content": int(plan["labeled_by_hash"].sum()),
+            "labeled_excluded_by_name": int(plan["labeled_by_name"].sum()),
+            "exact_duplicates_removed": int((plan["duplicate_of"] >= 0).sum()),
+            "indexed": int(len(rows_to_pool)),
+            "selected": int(len(selected)),
+            "near_duplicates_removed": int(len(near_dup_of)),
+            "dedup_threshold": cfg.dedup_threshold,
+            "retrieved_images": int(len(final)),
+            "embedder": embedder.describe(),
+            "index": {**spec.describe(), "gpu": on_gpu,
+                      "bytes_per_vector": index.code_bytes_per_vector() if index is not None else 0,
+                      "streamed_exact": index is None,
+                      "nprobe": index.nprobe if index is not None else None,
+                      "k_factor": index.k_factor if index is not None else None,
+                      "tuning": None if tuning is None else {"recall": tuning.recall, "target": tuning.target,
+                                                              "reached": tuning.reached,
+                                                              "queries": int(len(tune_ids))}},
+            "world_size": info.world_size,
+            "cache": {"pool": str(pool_store.directory), "queries": str(query_store.directory)},
+            "outputs": {"unlabeled": str(out_path), "retrieval": str(jsonl_path), "summary": str(summary_path)},
+            "timings_s": {k: round(v, 3) for k, v in {**timings, "total_s": time.perf_counter() - started}.items()},
+        }
+        atomic_write_json(files.stage(summary_path), summary, indent=1)
     return summary
 
 

@@ -1,15 +1,18 @@
-"""IoU matching of candidate boxes (anchors, proposals) to ground truth, and balanced sampling.
+"""Training-time IoU matching of candidate boxes (anchors, proposals) to ground truth, and balanced
+sampling (torch). Not the evaluation matcher of detections: that is `slsd_cli.matching`.
 
 `match(iou, low, high, allow_low_quality)` labels each candidate 1 (foreground, IoU >= high),
 0 (background, IoU < low) or -1 (ignored, in between), and gives the index of its best ground truth.
 `sample(labels, num, positive_fraction)` picks a random subset with at most `positive_fraction`
-positives, as the R-CNN samplers do.
+positives, as the R-CNN samplers do. `in_ignore_regions(boxes, regions, iou)` flags the candidates
+that overlap an ignore region (a teacher detection under the pseudo-label threshold; docs/method.md).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_iou
 
 
 def match(iou: Tensor, low: float, high: float, allow_low_quality: bool = False) -> tuple[Tensor, Tensor]:
@@ -41,3 +44,11 @@ def sample(labels: Tensor, num: int, positive_fraction: float) -> tuple[Tensor, 
     pos = pos[torch.randperm(pos.numel(), device=pos.device)[:num_pos]]
     neg = neg[torch.randperm(neg.numel(), device=neg.device)[:num_neg]]
     return pos, neg
+
+
+def in_ignore_regions(boxes: Tensor, regions: Tensor | None, iou: float) -> Tensor | None:
+    """[N] bool: the candidates `boxes [N, 4]` whose best IoU with an ignore region `regions [K, 4]`
+    is >= `iou`; None when there is no region (so callers keep their exact no-ignore path)."""
+    if regions is None or regions.shape[0] == 0 or boxes.shape[0] == 0:
+        return None
+    return box_iou(regions.to(boxes.dtype), boxes).max(dim=0).values >= iou

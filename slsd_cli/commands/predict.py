@@ -1,0 +1,66 @@
+"""`slsd predict`: a trained (or converted) detector on any images -> a results json with RLE masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from slsd_cli.progress import info
+
+
+def predict(
+    images: List[str] = typer.Argument(..., help="Image folders, glob patterns ('data/*.jpg', quoted), image "
+                                                 "files or image-list jsons (a list of paths, or "
+                                                 "{\"images\": [{\"id\", \"file_name\"}]})."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
+                                              help="The trained model: an slsd run directory (train-teacher, "
+                                                   "distill or convert) or its model.safetensors. Required (the "
+                                                   "older form 'slsd predict RUN IMAGES...' still works)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output results json (LVIS/COCO results format, RLE masks); "
+                                                      "OUT.images.json beside it lists the image ids and files."),
+    model: str = typer.Option("student", "--model", help="Of a distillation run: student (RUN/, default) or "
+                                                         "teacher (RUN/teacher)."),
+    images_dir: Optional[Path] = typer.Option(None, "--images-dir", help="Folder that an image-list json's file "
+                                                                         "names are relative to (default: the "
+                                                                         "json's folder)."),
+    score: Optional[float] = typer.Option(None, "--score", min=0.0, max=1.0,
+                                          help="Keep detections scoring above this (default: the model's "
+                                               "test_score_threshold)."),
+    max_dets: int = typer.Option(300, "--max-dets", min=1, help="Detections per image (top by score)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1,
+                                             help="Test size: longest image edge (default: the model's image_size)."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Images per forward pass."),
+    amp: str = typer.Option("auto", "--amp", help="Precision: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
+    render: Optional[Path] = typer.Option(None, "--render", help="Also draw each image with its masks, boxes and "
+                                                                 "labels into this folder (PNG)."),
+    render_score: float = typer.Option(0.5, "--render-score", min=0.0, max=1.0,
+                                       help="Draw only detections scoring at least this."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Image-loading worker processes per rank."),
+    force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
+) -> None:
+    """Run a detector over a folder, a glob or an image list and write LVIS/COCO results (RLE masks).
+
+    Sharded under torchrun (each rank writes a shard, rank 0 merges them):
+    torchrun --nproc_per_node 8 --no-python slsd predict --checkpoint RUN images/ --out results.json
+
+    Example: slsd predict --checkpoint runs/student photos/ --out photos_results.json --render photos_drawn
+    """
+    from slsd_cli.errors import InputError
+    from slsd_cli.predictor import PredictConfig, run_predict
+
+    if checkpoint is None:  # the first form of the command: slsd predict RUN IMAGES...
+        if len(images) < 2:
+            raise InputError("give the model with --checkpoint RUN (a run directory or its model.safetensors)")
+        checkpoint, images = Path(images[0]), images[1:]
+    cfg = PredictConfig(checkpoint=checkpoint, images=list(images), out=out, model=model, images_dir=images_dir,
+                        score=score, max_dets=max_dets, image_size=image_size, batch_size=batch_size, amp=amp,
+                        render=render, render_score=render_score, workers=workers, force=force)
+    summary = run_predict(cfg)
+    if summary is None:  # not rank 0
+        return
+    message = f"predictions -> {summary['results']} (images: {summary['images_index']}), {summary['predict_s']:.1f} s"
+    if cfg.render is not None:
+        message += f"; {summary['drawings']} drawings -> {cfg.render} ({summary['render_s']:.1f} s)"
+    info(message)

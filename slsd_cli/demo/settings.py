@@ -1,0 +1,159 @@
+"""Demo sizes, the rows of the paper's Table 1, and hyperparameter settings.
+
+A *setting* is an ordered mapping of recipe keys to values (`{"smoothing.epsilon": 0.1}`); it is
+passed to `slsd train-teacher` / `slsd distill` as `key=value` overrides and spelled into the run's
+directory name (`slug`), so the same setting always lands in the same directory and a finished run
+is reused — by a rerun, and by Table 1 when the held-out grid already trained that setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from slsd_cli.errors import InputError
+
+TEACHER_RECIPE = "synthetic_tiny"
+DISTILL_RECIPE = "synthetic_tiny_distill"
+
+# recipe key -> short name used in run-directory names and tables
+SHORT_NAMES = {
+    "smoothing.epsilon": "eps",
+    "smoothing.gamma": "gamma",
+    "distill.lam": "lam",
+    "distill.threshold": "thr",
+    "distill.unsup_weight": "uw",
+    "distill.threshold_on": "on",
+    "distill.ignore_low": "ign",
+    "distill.background": "bg",
+}
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo is. The quick size fits 10 minutes on 2 CPU cores; tests use smaller ones."""
+
+    classes: int = 40
+    train_images: int = 500
+    val_images: int = 100
+    pool_images: int = 300
+    image_size: int = 128
+    teacher_iterations: int = 300
+    distill_iterations: int = 150
+    retrieve_k: int = 8
+    bootstrap: int = 100  # bootstrap replicates over val images (0 = no bootstrap)
+
+
+QUICK = DemoSize()
+# Table 1: a larger val set, so that its AP noise (measured by the bootstrap) is below the gaps
+# between rows; fewer replicates, as every replicate scores every run of every seed (18 runs x 50
+# evaluations of 400 images; the interval uses the replicates' standard deviation, not their tails).
+FULL = DemoSize(val_images=400, bootstrap=50)
+
+
+# the recipe keys that define a student run (each passed explicitly, so its directory name says it all)
+STUDENT_KNOBS = ("distill.lam", "distill.threshold", "distill.unsup_weight", "distill.threshold_on",
+                 "distill.ignore_low", "distill.background")
+
+
+@dataclass(frozen=True)
+class TeacherRow:
+    key: str
+    label: str
+    smoothing: str                # none | uniform | similarity
+    knobs: tuple[str, ...]        # the recipe keys this row is tuned on
+
+
+@dataclass(frozen=True)
+class StudentRow:
+    key: str
+    label: str
+    targets: str                  # onehot | soft
+    corrected: bool               # λ > 0 (the tuned λ) or λ = 0
+
+
+TEACHERS = {
+    "onehot": TeacherRow("onehot", "Supervised, one-hot", "none", ()),
+    "uniform": TeacherRow("uniform", "Supervised + uniform smoothing", "uniform", ("smoothing.epsilon",)),
+    "similarity": TeacherRow("similarity", "Supervised + similarity smoothing", "similarity",
+                             ("smoothing.epsilon", "smoothing.gamma")),
+}
+STUDENTS = {
+    "onehot": StudentRow("onehot", "Semi-supervised, one-hot pseudo-labels", "onehot", False),
+    "soft": StudentRow("soft", "+ soft pseudo-labels", "soft", False),
+    "calibrated": StudentRow("calibrated", "+ soft pseudo-labels + calibration correction", "soft", True),
+}
+
+
+def recipe_defaults(keys: tuple[str, ...] | list[str], recipe_name: str) -> dict[str, Any]:
+    """The packaged recipe's values of `keys` (e.g. 'distill.threshold'), in the given order; keys the
+    recipe does not have (an option not built yet) are left out."""
+    from slsd_cli import recipe
+
+    loaded = recipe.load(recipe_name)
+    out = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        holder = getattr(loaded, section, None)
+        if holder is not None and hasattr(holder, name):
+            out[key] = getattr(holder, name)
+    return out
+
+
+def format_value(value: Any) -> str:
+    """A value as a recipe override spells it (None -> null, 1.0 -> 1, 0.05 -> 0.05)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def overrides(setting: Mapping[str, Any]) -> list[str]:
+    """`key=value` recipe overrides of a setting."""
+    return [f"{key}={format_value(value)}" for key, value in setting.items()]
+
+
+def slug(setting: Mapping[str, Any]) -> str:
+    """A setting as a directory-name fragment, e.g. 'eps0.1_gamma1.5' (empty for no knobs)."""
+    parts = []
+    for key, value in setting.items():
+        if key not in SHORT_NAMES:
+            raise InputError(f"no short name for recipe key {key!r}")
+        parts.append(f"{SHORT_NAMES[key]}{format_value(value)}")
+    return "_".join(parts)
+
+
+def teacher_run_name(row: TeacherRow, setting: Mapping[str, Any], seed: int) -> str:
+    knobs = slug({k: setting[k] for k in row.knobs if k in setting})
+    return "_".join(part for part in (f"teacher_{row.key}", knobs, f"seed{seed}") if part)
+
+
+def student_run_name(targets: str, setting: Mapping[str, Any], teacher_run: str) -> str:
+    """A student's directory name: its targets, its setting, and the teacher run it learns from."""
+    return "_".join(part for part in (f"student_{targets}", slug(setting)) if part) + f"__from_{teacher_run}"
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise InputError(f"--seeds must be a comma list of integers, got {text!r}") from exc
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"--seeds lists a seed twice: {text!r}")
+    return seeds
+
+
+def parse_fractions(text: str) -> list[float]:
+    """'0.1,0.25,0.5,1' -> sorted fractions in (0, 1]."""
+    try:
+        fractions = sorted({float(part) for part in text.split(",") if part.strip()})
+    except ValueError as exc:
+        raise InputError(f"--fractions must be a comma list of numbers in (0, 1], got {text!r}") from exc
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise InputError(f"--fractions must be a comma list of numbers in (0, 1], got {text!r}")
+    return fractions

@@ -1,0 +1,207 @@
+"""`Predictor`: the one way to run a trained detector (as SAM's `SamPredictor`).
+
+Every user of a trained model goes through it: `slsd eval / calibrate / predict --checkpoint`, the
+distillation teacher, class prototypes from a checkpoint and the `slsd:RUN` retrieval embedder. It
+owns what must be the same everywhere:
+
+- loading a run (`Predictor.from_run(RUN, kind="student"|"teacher")`: RUN/ or RUN/teacher/);
+- the test input: images resized so the longest edge is `image_size` (default: the model's), then
+  padded the way the model was trained — a ViT sees the square canvas of side
+  max(model image_size, test image_size), a CNN a size-divisible box (`CascadeMaskRCNN.preprocess`);
+  so an image's detections never depend on the other images of its batch;
+- the score threshold (`predict(..., score_threshold=)`, default the model's `test_score_threshold`);
+- precision: `amp` auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16;
+- backbone features (`features`) over the same canvas, with the valid extent of each image.
+
+Tensor contract: `images` float/uint8 [B, 3, H, W] RGB 0..255, zero-padded at the bottom/right;
+`image_sizes[i]` the valid (h, w) of image i. `predict` -> `CascadeMaskRCNN.predict`'s dicts.
+Sharded results writing (a results json over an annotations file's images) is
+`slsd_cli.inference.predict_to_results`.
+
+`slsd predict` is `run_predict(PredictConfig(...))`: a run over a folder / glob / image list ->
+`cfg.out` (results json, RLE masks) + `OUT.images.json` (the images and categories), optionally one
+rendered PNG per image in `cfg.render`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from slsd_cli.errors import InputError
+from slsd_cli.precision import AMP_CHOICES, amp_dtype
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The inference autocast dtype (None: fp32). auto = bf16 on CUDA, fp32 elsewhere."""
+    if amp not in AMP_CHOICES:
+        raise InputError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise InputError("--amp fp16 needs a CUDA device (use fp32 or bf16 on the CPU)")
+    return amp_dtype(amp, device)
+
+
+class Predictor:
+    """A detector ready for inference: eval mode, its categories, test size and precision."""
+
+    def __init__(self, model: nn.Module, category_ids: list[int], *, categories: list[dict] | None = None,
+                 image_size: int | None = None, amp: str = "auto", meta: dict[str, Any] | None = None):
+        self.model = model.module if hasattr(model, "module") else model  # unwrap DDP
+        self.category_ids = [int(c) for c in category_ids]
+        if len(self.category_ids) != self.model.num_classes:
+            raise InputError(f"the model has {self.model.num_classes} classes but {len(self.category_ids)} "
+                             "category ids were given")
+        self.categories = categories if categories is not None else [{"id": c} for c in self.category_ids]
+        trained = int(self.model.cfg.image_size)
+        self.image_size = int(image_size or trained)
+        if self.image_size < 1:
+            raise InputError(f"image size must be positive, got {self.image_size}")
+        # the square a ViT sees: never smaller than the one it was trained on
+        self.canvas = max(trained, self.image_size)
+        self.amp = amp
+        self.dtype = autocast_dtype(amp, self.device)
+        self.meta = meta or {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_run(cls, run: str | Path, kind: str = "student", device: str | torch.device | None = None,
+                 image_size: int | None = None, amp: str = "auto") -> "Predictor":
+        """Load a run's student (RUN/) or teacher (RUN/teacher/), or a model.safetensors file."""
+        from slsd_cli import distributed
+        from slsd_cli.inference import resolve_checkpoint
+        from slsd_cli.model.weights import load_detector
+
+        if device is None:
+            device = distributed.init().device
+        model, meta = load_detector(resolve_checkpoint(run, kind), device)
+        return cls(model, [c["id"] for c in meta["categories"]], categories=meta["categories"],
+                   image_size=image_size, amp=amp, meta=meta)
+
+    def with_options(self, image_size: int | None = None, amp: str | None = None,
+                     category_ids: list[int] | None = None) -> "Predictor":
+        """The same model with another test size, precision or category ids (None: keep)."""
+        if image_size is None and amp is None and (category_ids is None or list(category_ids) == self.category_ids):
+            return self
+        same_ids = category_ids is None or list(category_ids) == self.category_ids
+        return Predictor(self.model, self.category_ids if same_ids else category_ids,
+                         categories=self.categories if same_ids else None, image_size=image_size or self.image_size,
+                         amp=amp or self.amp, meta=self.meta)
+
+    @property
+    def device(self) -> torch.device:
+        try:
+            return next(self.model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        if self.dtype is None:
+            yield
+        else:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                yield
+
+    # ------------------------------------------------------------------ inference
+    def transform(self):
+        """The test transform: resize so the longest edge is `image_size` (records `scale`)."""
+        from slsd_cli.data.transforms import test_transform
+
+        return test_transform(self.image_size)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, image_sizes: list[tuple[int, int]],
+                score_threshold: float | None = None) -> list[dict]:
+        """Detections per image (see `CascadeMaskRCNN.predict`); float32 outputs whatever the amp."""
+        with self._precision():
+            dets = self.model.predict(images.to(self.device), image_sizes, score_threshold=score_threshold,
+                                      canvas=self.canvas)
+        return [{k: (v.float() if torch.is_floating_point(v) else v) for k, v in d.items()} for d in dets]
+
+    @torch.no_grad()
+    def features(self, images: Tensor, image_sizes: list[tuple[int, int]] | None = None
+                 ) -> tuple[Tensor, int, list[tuple[int, int]]]:
+        """Plain backbone map [B, D, h, w] (float32) over the padded canvas, its stride, and each
+        image's valid extent (rows, cols) in feature cells."""
+        if image_sizes is None:
+            image_sizes = [(int(images.shape[-2]), int(images.shape[-1]))] * images.shape[0]
+        was_training = self.model.training
+        self.model.eval()  # no drop path
+        try:
+            with self._precision():
+                feats, stride = self.model.backbone_feature_map(images.to(self.device), image_sizes,
+                                                                canvas=self.canvas)
+        finally:
+            self.model.train(was_training)
+        extents = [(min(-(-h // stride), feats.shape[-2]), min(-(-w // stride), feats.shape[-1]))
+                   for h, w in image_sizes]
+        return feats.float(), int(stride), extents
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.backbone.feature_dim)
+
+
+# ---------------------------------------------------------------------- slsd predict
+
+
+@dataclass
+class PredictConfig:
+    checkpoint: Path  # a run directory or a model.safetensors
+    images: list[str]  # folders, glob patterns, image files or image-list jsons
+    out: Path  # results json; OUT.images.json goes beside it
+    model: str = "student"  # a distillation run's student (RUN/) or teacher (RUN/teacher/)
+    images_dir: Path | None = None  # base of an image-list json's relative names (default: its folder)
+    score: float | None = None  # default: the model's test_score_threshold
+    max_dets: int = 300
+    image_size: int | None = None  # default: the model's
+    batch_size: int = 1
+    amp: str = "auto"
+    render: Path | None = None  # folder for one drawn PNG per image
+    render_score: float = 0.5
+    workers: int = 0
+    device: str = "auto"
+    force: bool = False
+
+
+def run_predict(cfg: PredictConfig) -> dict[str, Any] | None:
+    """Check the inputs and outputs, predict (sharded under torchrun), render on rank 0.
+    -> {"results", "images_index", "drawings", "predict_s", "render_s"} on rank 0, None elsewhere."""
+    from slsd_cli import distributed, inference
+    from slsd_cli.io import check_output
+
+    started = time.perf_counter()
+    if not cfg.images:
+        raise InputError("give at least one image folder, glob, image file or image-list json")
+    if cfg.score is not None and not 0.0 <= cfg.score <= 1.0:
+        raise InputError(f"--score must be in [0, 1], got {cfg.score}")
+    if not 0.0 <= cfg.render_score <= 1.0:
+        raise InputError(f"--render-score must be in [0, 1], got {cfg.render_score}")
+    if cfg.max_dets < 1 or cfg.batch_size < 1 or cfg.workers < 0:
+        raise InputError("--max-dets and --batch-size must be >= 1, --workers >= 0")
+    index_path = inference.images_index_path(cfg.out)
+    check_output(cfg.out, cfg.force)
+    check_output(index_path, cfg.force)
+    with distributed.session(cfg.device) as dist:
+        predictor = Predictor.from_run(cfg.checkpoint, cfg.model, device=dist.device, image_size=cfg.image_size,
+                                       amp=cfg.amp)
+        results, index = inference.predict_images(predictor, list(cfg.images), cfg.out, images_dir=cfg.images_dir,
+                                                  batch_size=cfg.batch_size, max_dets=cfg.max_dets,
+                                                  score_threshold=cfg.score, num_workers=cfg.workers)
+        if not dist.is_main:
+            return None
+    predicted = time.perf_counter()
+    drawings = 0
+    if cfg.render is not None:
+        drawings = inference.render_predictions(results, index, cfg.render, score=cfg.render_score, force=cfg.force)
+    return {"results": results, "images_index": index, "drawings": drawings, "predict_s": predicted - started,
+            "render_s": time.perf_counter() - predicted}
+
+
+__all__ = ["AMP_CHOICES", "PredictConfig", "Predictor", "autocast_dtype", "run_predict"]

@@ -1,0 +1,340 @@
+"""`slsd convert` (issue 14 §2): detectron2-format EVA-02 LVIS Cascade Mask R-CNN -> slsd run.
+
+The reference state dicts here are written by hand from the reference modules (baaivision/EVA
+`EVA-02/det`: ViT + SimpleFeaturePyramid, StandardRPNHead, CascadeROIHeads, MaskRCNNConvUpsampleHead),
+not from the converter's key map, at a small size (width 64, 4 blocks, 3 classes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from slsd_cli.cli import main
+from slsd_cli.errors import InputError
+from slsd_cli.model import build_detector, load_detector, tiny_eva_config
+from slsd_cli.model.convert_detectron2 import class_permutation, convert_state_dict, key_map, read_checkpoint
+from slsd_cli.predictor import Predictor
+from slsd_cli.typed_yaml import to_dict
+
+# LVIS-like categories, listed in the annotation file out of id order
+CATEGORIES = [{"id": 9, "name": "c9", "frequency": "f", "image_count": 30},
+              {"id": 2, "name": "c2", "frequency": "r", "image_count": 3},
+              {"id": 5, "name": "c5", "frequency": "c", "image_count": 12}]
+
+
+def _cfg(**kw):
+    return tiny_eva_config(backbone="eva02_base", drop_path=0.0, test_score_threshold=0.0, **kw)
+
+
+def reference_state(dim=64, depth=4, hidden=170, fpn=32, rpn_convs=1, anchors=3, box_convs=1, fc=64,
+                    mask_convs=1, classes=3, stages=3, pretrain_grid=14, seed=0, device=None) -> dict:
+    """A detectron2 EVA-02 Cascade Mask R-CNN state dict with random tensors (names as the reference)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+
+    def t(name, *shape):
+        if device == "meta":
+            state[name] = torch.empty(*shape, device="meta")
+        else:
+            state[name] = torch.randn(*shape, generator=g) * 0.05
+
+    n = "backbone.net."
+    t(n + "patch_embed.proj.weight", dim, 3, 16, 16)
+    t(n + "patch_embed.proj.bias", dim)
+    t(n + "pos_embed", 1, 1 + pretrain_grid ** 2, dim)
+    for rope in ("rope_win", "rope_glb"):  # buffers in the reference's state dict
+        t(f"{n}{rope}.freqs_cos", 16, 8)
+        t(f"{n}{rope}.freqs_sin", 16, 8)
+    for i in range(depth):
+        b = f"{n}blocks.{i}."
+        for norm in ("norm1", "norm2"):
+            t(b + norm + ".weight", dim)
+            t(b + norm + ".bias", dim)
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            t(b + f"attn.{proj}.weight", dim, dim)
+        t(b + "attn.q_bias", dim)
+        t(b + "attn.v_bias", dim)
+        t(b + "attn.proj.weight", dim, dim)
+        t(b + "attn.proj.bias", dim)
+        for w in ("w1", "w2"):
+            t(b + f"mlp.{w}.weight", hidden, dim)
+            t(b + f"mlp.{w}.bias", hidden)
+        t(b + "mlp.ffn_ln.weight", hidden)
+        t(b + "mlp.ffn_ln.bias", hidden)
+        t(b + "mlp.w3.weight", dim, hidden)
+        t(b + "mlp.w3.bias", dim)
+
+    def conv_ln(name, cin, k):
+        t(name + ".weight", fpn, cin, k, k)
+        t(name + ".norm.weight", fpn)
+        t(name + ".norm.bias", fpn)
+
+    t("backbone.simfp_2.0.weight", dim, dim // 2, 2, 2)
+    t("backbone.simfp_2.0.bias", dim // 2)
+    t("backbone.simfp_2.1.weight", dim // 2)
+    t("backbone.simfp_2.1.bias", dim // 2)
+    t("backbone.simfp_2.3.weight", dim // 2, dim // 4, 2, 2)
+    t("backbone.simfp_2.3.bias", dim // 4)
+    conv_ln("backbone.simfp_2.4", dim // 4, 1)
+    conv_ln("backbone.simfp_2.5", fpn, 3)
+    t("backbone.simfp_3.0.weight", dim, dim // 2, 2, 2)
+    t("backbone.simfp_3.0.bias", dim // 2)
+    conv_ln("backbone.simfp_3.1", dim // 2, 1)
+    conv_ln("backbone.simfp_3.2", fpn, 3)
+    conv_ln("backbone.simfp_4.0", dim, 1)
+    conv_ln("backbone.simfp_4.1", fpn, 3)
+    conv_ln("backbone.simfp_5.1", dim, 1)
+    conv_ln("backbone.simfp_5.2", fpn, 3)
+    r = "proposal_generator.rpn_head."
+    convs = ["conv"] if rpn_convs == 1 else [f"conv.conv{k}" for k in range(rpn_convs)]
+    for c in convs:
+        t(r + c + ".weight", fpn, fpn, 3, 3)
+        t(r + c + ".bias", fpn)
+    t(r + "objectness_logits.weight", anchors, fpn, 1, 1)
+    t(r + "objectness_logits.bias", anchors)
+    t(r + "anchor_deltas.weight", anchors * 4, fpn, 1, 1)
+    t(r + "anchor_deltas.bias", anchors * 4)
+    for s in range(stages):
+        h = f"roi_heads.box_head.{s}."
+        for j in range(box_convs):
+            conv_ln(f"{h}conv{j + 1}", fpn, 3)
+        t(h + "fc1.weight", fc, fpn * 49)
+        t(h + "fc1.bias", fc)
+        p = f"roi_heads.box_predictor.{s}."
+        t(p + "cls_score.weight", classes + 1, fc)
+        t(p + "cls_score.bias", classes + 1)
+        t(p + "bbox_pred.weight", 4, fc)
+        t(p + "bbox_pred.bias", 4)
+        t(p + "fed_loss_cls_weights", classes)
+    m = "roi_heads.mask_head."
+    for j in range(mask_convs):
+        conv_ln(f"{m}mask_fcn{j + 1}", fpn, 3)
+    t(m + "deconv.weight", fpn, fpn, 2, 2)
+    t(m + "deconv.bias", fpn)
+    t(m + "predictor.weight", classes, fpn, 1, 1)
+    t(m + "predictor.bias", classes)
+    return state
+
+
+BUFFERS = 4 + 3  # RoPE freqs (2 x 2) + federated weights (3 stages)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    state = reference_state()
+    ckpt = root / "model_final.pth"
+    torch.save({"model": state, "iteration": 40000, "__author__": "test"}, ckpt)
+    ann = root / "lvis_val.json"
+    ann.write_text(json.dumps({"images": [], "annotations": [], "categories": CATEGORIES}))
+    recipe = root / "tiny_eva02.yaml"
+    recipe.write_text(yaml.safe_dump({"model": to_dict(_cfg())}))
+    return root, state, ckpt, ann, recipe
+
+
+def _convert(files, out: Path, *extra: str) -> int:
+    root, _, ckpt, ann, recipe = files
+    return main(["convert", str(ckpt), "--annotations", str(ann), "--out-dir", str(out), "--recipe", str(recipe),
+                 *extra])
+
+
+def test_converts_loads_strictly_and_maps_every_rule(files, tmp_path):
+    _, state, _, _, _ = files
+    out = tmp_path / "run"
+    assert _convert(files, out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]  # safetensors, no pickle
+    model, meta = load_detector(out)  # strict: every tensor present, none extra, equal shapes
+    assert [c["id"] for c in meta["categories"]] == [2, 5, 9]  # the annotations' order: ids ascending
+    assert meta["model"]["window_key_mask"] is False  # R11: padded keys attend as in the reference
+    sd = model.state_dict()
+    assert len(sd) == len(state) - BUFFERS  # R10: RoPE and federated buffers dropped, nothing else
+    b, r = "backbone.trunk.blocks.2.", "backbone.net.blocks.2."
+    assert torch.equal(sd[b + "attn.k_proj.weight"], state[r + "attn.k_proj.weight"])  # R1
+    assert torch.equal(sd[b + "attn.q_proj.bias"], state[r + "attn.q_bias"])  # R2
+    assert torch.equal(sd[b + "attn.v_proj.bias"], state[r + "attn.v_bias"])
+    for ours, theirs in (("fc1_g", "w1"), ("fc1_x", "w2"), ("norm", "ffn_ln"), ("fc2", "w3")):  # R3
+        assert torch.equal(sd[f"{b}mlp.{ours}.weight"], state[f"{r}mlp.{theirs}.weight"])
+    # R4: class row dropped, 14x14 -> 8x8 plain bicubic (not timm's antialiased resampling)
+    table = state["backbone.net.pos_embed"][:, 1:].reshape(1, 14, 14, 64).permute(0, 3, 1, 2)
+    plain = F.interpolate(table, size=(8, 8), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 64, 64)
+    smooth = F.interpolate(table, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
+    assert torch.allclose(sd["backbone.trunk.pos_embed"], plain, atol=1e-6)
+    assert not torch.allclose(sd["backbone.trunk.pos_embed"], smooth.permute(0, 2, 3, 1).reshape(1, 64, 64), atol=1e-3)
+    # R5 simple feature pyramid
+    assert torch.equal(sd["backbone.pyramid.outputs.0.1.weight"], state["backbone.simfp_2.4.norm.weight"])
+    assert torch.equal(sd["backbone.pyramid.outputs.3.2.weight"], state["backbone.simfp_5.2.weight"])
+    assert torch.equal(sd["backbone.pyramid.scale2.weight"], state["backbone.simfp_3.0.weight"])
+    # R6 RPN, R7 cascade heads, R8 mask head
+    assert torch.equal(sd["rpn.head.convs.0.weight"], state["proposal_generator.rpn_head.conv.weight"])
+    assert torch.equal(sd["rpn.head.deltas.bias"], state["proposal_generator.rpn_head.anchor_deltas.bias"])
+    assert torch.equal(sd["roi_heads.stages.2.head.convs.1.bias"], state["roi_heads.box_head.2.conv1.norm.bias"])
+    assert torch.equal(sd["roi_heads.stages.1.head.fc.weight"], state["roi_heads.box_head.1.fc1.weight"])
+    assert torch.equal(sd["roi_heads.stages.0.bbox_pred.weight"], state["roi_heads.box_predictor.0.bbox_pred.weight"])
+    assert torch.equal(sd["mask_head.convs.0.weight"], state["roi_heads.mask_head.mask_fcn1.weight"])
+    assert torch.equal(sd["mask_head.deconv.weight"], state["roi_heads.mask_head.deconv.weight"])
+    # R9 (sorted ids: identity), background last
+    assert torch.equal(sd["roi_heads.stages.1.cls_score.weight"], state["roi_heads.box_predictor.1.cls_score.weight"])
+    # the converted run predicts, and a teacher can start from it (model.init_from)
+    dets = Predictor(model, [2, 5, 9], amp="fp32").predict(torch.rand(1, 3, 96, 128) * 255, [(96, 128)])
+    assert dets[0]["scores"].numel() > 0
+    started = build_detector(dataclasses.replace(_cfg(), init_from=str(out)), meta["categories"])
+    assert all(torch.equal(v, sd[k]) for k, v in started.state_dict().items())
+    with pytest.raises(InputError, match="categories differ"):
+        build_detector(dataclasses.replace(_cfg(), init_from=str(out)), meta["categories"][::-1])
+
+
+def test_category_permutation_round_trips():
+    state = reference_state(seed=1)
+    cfg = _cfg()
+    own = build_detector(cfg, CATEGORIES).state_dict()
+    shuffled = convert_state_dict(state, cfg, own, CATEGORIES)  # our order: ids 9, 2, 5
+    perm = class_permutation(CATEGORIES)
+    assert perm == [2, 0, 1]  # checkpoint rows are ids ascending: 2, 5, 9
+    src_w = state["roi_heads.box_predictor.0.cls_score.weight"]
+    ours_w = shuffled["roi_heads.stages.0.cls_score.weight"]
+    inverse = torch.argsort(torch.tensor(perm))
+    assert torch.equal(ours_w[:3][inverse], src_w[:3]) and torch.equal(ours_w[3], src_w[3])  # background last
+    assert torch.equal(shuffled["mask_head.predictor.weight"][inverse], state["roi_heads.mask_head.predictor.weight"])
+    # the same detections, labelled with the same category ids, whichever order the run lists them in
+    ordered = sorted(CATEGORIES, key=lambda c: c["id"])
+    models = []
+    for cats, tensors in ((CATEGORIES, shuffled),
+                          (ordered, convert_state_dict(state, cfg, own, ordered))):
+        model = build_detector(cfg, cats).eval()
+        model.load_state_dict(tensors)
+        models.append(Predictor(model, [c["id"] for c in cats], amp="fp32"))
+    image = torch.rand(1, 3, 128, 96, generator=torch.Generator().manual_seed(0)) * 255
+    a, b = (p.predict(image, [(128, 96)])[0] for p in models)
+    ids_a = torch.tensor(models[0].category_ids)[a["labels"]]
+    ids_b = torch.tensor(models[1].category_ids)[b["labels"]]
+    key_a = sorted(zip(ids_a.tolist(), a["scores"].tolist()))
+    key_b = sorted(zip(ids_b.tolist(), b["scores"].tolist()))
+    assert len(key_a) > 0 and key_a == pytest.approx(key_b, abs=1e-6)
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("missing", "backbone.net.blocks.1.attn.q_bias"),
+    ("misshapen", "roi_heads.box_head.0.fc1.weight"),
+    ("extra", "backbone.net.blocks.0.attn.k_bias"),
+])
+def test_missing_misshapen_or_extra_key_is_a_one_line_exit_2(files, tmp_path, capsys, damage, named):
+    state = dict(files[1])
+    if damage == "missing":
+        del state[named]
+    elif damage == "misshapen":
+        state[named] = torch.zeros(3, 5)
+    else:
+        state[named] = torch.zeros(64)
+    ckpt = tmp_path / "bad.pth"
+    torch.save({"model": state}, ckpt)
+    root, _, _, ann, recipe = files
+    capsys.readouterr()
+    code = main(["convert", str(ckpt), "--annotations", str(ann), "--out-dir", str(tmp_path / "out"),
+                 "--recipe", str(recipe)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and named in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+class _Evil:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def test_a_malicious_pickle_is_never_unpickled(tmp_path, files, capsys):
+    marker = tmp_path / "marker.txt"
+    for name, dump in (("evil.pth", lambda f, obj: torch.save(obj, f)), ("evil.pkl", lambda f, obj: pickle.dump(obj, f))):
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            dump(f, {"model": {"x": _Evil(str(marker))}})
+        root, _, _, ann, recipe = files
+        capsys.readouterr()
+        code = main(["convert", str(path), "--annotations", str(ann), "--out-dir", str(tmp_path / "o"),
+                     "--recipe", str(recipe)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "weights_only=False" in err  # the stripping hint
+        assert not marker.exists()
+
+
+def test_safetensors_input_and_bare_state_dict(files, tmp_path):
+    from safetensors.torch import save_file
+
+    state = files[1]
+    st = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(st))
+    assert read_checkpoint(st).keys() == state.keys()
+    bare = tmp_path / "bare.pth"
+    torch.save(state, bare)
+    assert read_checkpoint(bare).keys() == state.keys()
+    root, _, _, ann, recipe = files
+    assert main(["convert", str(st), "--annotations", str(ann), "--out-dir", str(tmp_path / "run"),
+                 "--recipe", str(recipe)]) == 0
+    assert main(["convert", str(st), "--annotations", str(ann), "--out-dir", str(tmp_path / "run"),
+                 "--recipe", str(recipe)]) == 2  # an existing run needs --force
+
+
+def test_vitdet_mae_checkpoint_is_refused_clearly():
+    state = reference_state()
+    state["backbone.net.blocks.0.attn.rel_pos_h"] = torch.zeros(27, 32)
+    cfg = _cfg()
+    with pytest.raises(InputError, match="ViTDet"):
+        convert_state_dict(state, cfg, build_detector(cfg, CATEGORIES).state_dict(), CATEGORIES)
+
+
+@pytest.mark.parametrize("recipe, grid", [("lvis_eva02_L_teacher", 64), ("lvis_eva02_L_sys_teacher", 96)])
+def test_released_eva02_L_layout_maps_all_569_tensors(recipe, grid):
+    """Shapes only (meta tensors): the full-size EVA-02-L reference layout against our packaged recipes."""
+    from slsd_cli import recipe as recipes
+
+    cfg = dataclasses.replace(recipes.load(recipe).model, pretrained=False)
+    cats = [{"id": i + 1, "image_count": 1} for i in range(1203)]
+    with torch.device("meta"):
+        own = build_detector(cfg, cats).state_dict()
+    state = reference_state(dim=1024, depth=24, hidden=2730, fpn=256, rpn_convs=2, box_convs=4, fc=1024,
+                            mask_convs=4, classes=1203, pretrain_grid=14, device="meta")
+    assert len(key_map(cfg, 3)) == len(own) == 569
+    out = convert_state_dict(state, cfg, own, cats)
+    assert len(out) == 569 and out["backbone.trunk.pos_embed"].shape == (1, grid * grid, 1024)
+
+
+def test_a_converted_run_works_in_every_command(files, tmp_path):
+    """eval / calibrate / predict / prototypes --checkpoint and train-teacher model.init_from on a converted run."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
+    from tiny_data import write_dataset
+
+    root, _, ckpt, _, recipe = files
+    data = tmp_path / "data"
+    gt = write_dataset(data, [(48, 64), (64, 40)], [2, 3], categories=(2, 5, 9))
+    run = tmp_path / "converted"
+    assert main(["convert", str(ckpt), "--annotations", str(gt), "--out-dir", str(run), "--recipe", str(recipe)]) == 0
+    assert main(["eval", "--annotations", str(gt), "--checkpoint", str(run), "--images", str(data),
+                 "--out-dir", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_detections"] > 0
+    assert main(["calibrate", "--annotations", str(gt), "--checkpoint", str(run), "--images", str(data),
+                 "--out", str(tmp_path / "calibration.json")]) == 0
+    assert main(["predict", "--checkpoint", str(run), str(data), "--out", str(tmp_path / "predict.json")]) == 0
+    assert len(json.loads((tmp_path / "predict.json").read_text())) > 0
+    assert main(["prototypes", "--annotations", str(gt), "--images", str(data), "--checkpoint", str(run),
+                 "--image-size", "128", "--out", str(tmp_path / "prototypes.safetensors")]) == 0
+    teacher = tmp_path / "teacher"
+    assert main(["train-teacher", str(recipe), f"model.init_from={run}", "train.batch_per_process=1",
+                 "train.micro_batch=1", "train.warmup_iters=0", "data.image_size=128", "data.num_workers=0",
+                 "data.repeat_threshold=0", "train.amp=fp32", "--train-json", str(gt), "--images", str(data),
+                 "--iterations", "1", "--smoothing", "none", "--out-dir", str(teacher)]) == 0
+    start, _ = load_detector(run)
+    tuned, _ = load_detector(teacher)
+    # one AdamW step (lr 4e-5) away from the converted weights, not from a random init
+    drift = max(float((v - start.state_dict()[k]).abs().max()) for k, v in tuned.state_dict().items())
+    assert 0 < drift < 1e-3

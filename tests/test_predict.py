@@ -1,0 +1,121 @@
+"""`slsd predict` (issue 13.3): a run on a folder / glob / image list -> results json (RLE masks)
+equal to `slsd eval`'s detections; --render; AMP stays fp32 by default on the CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from slsd_cli.cli import main
+from slsd_cli.data.lvis import load_annotations
+from slsd_cli.errors import InputError
+from slsd_cli.inference import collect_images
+from slsd_cli.results import read_results
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from slsd_cli.model import build_detector, save_detector, tiny_eva_config
+
+    root = tmp_path_factory.mktemp("predict")
+    synth = root / "synth"
+    assert main(["synth", str(synth), "--classes", "3", "--train-images", "255", "--val-images", "5",
+                 "--pool-images", "2", "--image-size", "64"]) == 0
+    val = load_annotations(synth / "val.json")
+    torch.manual_seed(0)
+    cfg = tiny_eva_config(image_size=64, test_score_threshold=0.0, max_detections=20,
+                          rpn_post_nms_topk_test=32)
+    run = root / "run"
+    save_detector(build_detector(cfg, val.categories), run, val.categories, cfg)
+    folder = root / "photos"
+    folder.mkdir()
+    for image_id in val.image_ids:
+        shutil.copy(val.image_file(image_id, synth / "images"), folder)
+    ev = root / "eval"
+    assert main(["eval", "--annotations", str(synth / "val.json"), "--checkpoint", str(run), "--images",
+                 str(synth / "images"), "--out-dir", str(ev)]) == 0
+    return root, synth, run, folder, json.loads((ev / "detections.json").read_text())
+
+
+def test_predict_on_a_folder_equals_eval_and_passes_validation(world):
+    root, synth, run, folder, eval_dets = world
+    out = root / "pred" / "results.json"
+    assert main(["predict", "--checkpoint", str(run), str(folder), "--out", str(out), "--render",
+                 str(root / "drawn")]) == 0
+    index = load_annotations(out.with_name("results.images.json"), require_annotations=False)
+    dets = read_results(out, index)  # the results validation (ids, scores, boxes, RLE run lengths)
+    assert len(dets.scores) > 0
+    records = json.loads(out.read_text())
+    assert all("segmentation" in r for r in records)
+    # folder ids follow the sorted file names; map them to the val annotations' ids by file name
+    val = load_annotations(synth / "val.json")
+    by_name = {img["file_name"]: i for i, img in val.images.items()}
+    to_val = {i: by_name[Path(img["file_name"]).name] for i, img in index.images.items()}
+    remapped = [{**r, "image_id": to_val[r["image_id"]]} for r in records]
+    assert sorted(remapped, key=json.dumps) == sorted(eval_dets, key=json.dumps)
+    drawn = sorted(p.name for p in (root / "drawn").iterdir())
+    assert len(drawn) == len(val.image_ids) and all(name.endswith(".png") for name in drawn)
+    # an existing output needs --force
+    assert main(["predict", "--checkpoint", str(run), str(folder), "--out", str(out)]) == 2
+
+
+def test_image_list_json_keeps_its_ids_and_glob_works(world):
+    root, synth, run, folder, eval_dets = world
+    out = root / "list.json"
+    assert main(["predict", "--checkpoint", str(run), str(synth / "val.json"), "--images-dir",
+                 str(synth / "images"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == eval_dets  # the annotations' ids, same order, same records
+    glob_out = root / "glob.json"
+    # the first form of the command (the run as the first positional) still works
+    assert main(["predict", str(run), str(folder / "val_00000[01].png"), "--out", str(glob_out),
+                 "--score", "0.5", "--max-dets", "3"]) == 0
+    recs = json.loads(glob_out.read_text())
+    assert {r["image_id"] for r in recs} <= {1, 2} and all(r["score"] > 0.5 for r in recs)
+    assert all(sum(r["image_id"] == i for r in recs) <= 3 for i in (1, 2))
+
+
+def test_image_ids_from_numeric_stems_and_bad_sources(tmp_path):
+    from torchvision.io import write_png
+
+    for name in ("000000039769.png", "000000000042.png"):
+        write_png(torch.zeros(3, 8, 12, dtype=torch.uint8), str(tmp_path / name))
+    records = collect_images([str(tmp_path)])
+    assert [(r["id"], r["width"], r["height"]) for r in records] == [(42, 12, 8), (39769, 12, 8)]
+    with pytest.raises(InputError, match="no such image"):
+        collect_images([str(tmp_path / "missing" / "*.jpg")])
+    (tmp_path / "bad.json").write_text(json.dumps({"x": 1}))
+    with pytest.raises(InputError, match="image list"):
+        collect_images([str(tmp_path / "bad.json")])
+
+
+def test_fp32_stays_the_default_on_cpu(world):
+    from slsd_cli.predictor import Predictor, autocast_dtype
+
+    root, synth, run, folder, _ = world
+    predictor = Predictor.from_run(run, device="cpu")
+    assert predictor.amp == "auto" and predictor.dtype is None  # no autocast: fp32 on the CPU
+    assert autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert autocast_dtype("fp16", torch.device("cuda")) == torch.float16
+    with pytest.raises(InputError, match="fp16 needs a CUDA"):
+        autocast_dtype("fp16", torch.device("cpu"))
+    with pytest.raises(InputError, match="--amp"):
+        autocast_dtype("int8", torch.device("cpu"))
+    # the option reaches the predictor from predict / eval / calibrate
+    assert main(["predict", "--checkpoint", str(run), str(folder), "--out", str(root / "x.json"),
+                 "--amp", "fp16"]) == 2
+    assert main(["eval", "--annotations", str(synth / "val.json"), "--checkpoint", str(run), "--images",
+                 str(synth / "images"), "--out-dir", str(root / "e16"), "--amp", "fp16"]) == 2
+    assert main(["calibrate", "--annotations", str(synth / "val.json"), "--checkpoint", str(run), "--images",
+                 str(synth / "images"), "--out", str(root / "c.json"), "--amp", "fp16"]) == 2
+
+
+def test_the_model_is_required(tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path), "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--checkpoint RUN" in err
+    assert not (tmp_path / "r.json").exists()

@@ -1,4 +1,4 @@
-"""The official lvis-api, the reference slsd's evaluator is checked against (tests/test_eval.py)
+"""The official lvis-api, the reference slsd's evaluator is checked against (tests/unit/test_eval.py)
 and timed against (benchmarks/bench_eval.py). Test and benchmark support only: slsd itself never
 imports lvis-api. Tests import this module through pytest's `pythonpath` (pyproject.toml); a
 benchmark script finds it beside itself.

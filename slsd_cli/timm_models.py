@@ -16,8 +16,9 @@ official TF EfficientNet-Lite0 with lukemelas' EfficientNet-PyTorch key names (`
 those map one to one, in order and shape, onto timm's names (`packaged_state_dict`, the one place
 that converts them). Their input normalisation is the TF Lite builder's: (x - 127) / 128 on 0..255
 RGB (measured on the COCO cat photo, 224 px: cat classes 281-285 get 97.8 % of the softmax with it,
-91.6 % with eps 1e-5, 69.6 % with ImageNet mean/std). A model built with them carries that mean/std
-in its `pretrained_cfg`, so every caller that normalises by `pretrained_cfg` gets it.
+91.6 % with eps 1e-5, 69.6 % with eps 1e-5 and ImageNet mean/std). A model built with them carries
+that mean/std in its `pretrained_cfg`, so every caller that normalises by `pretrained_cfg` gets it;
+the detector normalises by its recipe's `model.pixel_mean/pixel_std` ([127]*3 / [128]*3 in synthetic_tiny).
 
 The detector's backbone (`model.backbone`) has its own rules (recipe keys, EVA checkpoint filter);
 it shares `read_weights_file`, `architecture_kwargs` and `create_packaged`.

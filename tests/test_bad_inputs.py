@@ -28,8 +28,7 @@ import torch
 from slsd_cli.cli import main
 from slsd_cli.data.synthetic import generate
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
-from tiny_data import results_from_ground_truth  # noqa: E402
+from tests.helpers.tiny_data import results_from_ground_truth
 
 TINY = ["data.image_size=64", "model.image_size=64", "train.batch_per_process=1", "train.micro_batch=1",
         "data.num_workers=0"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,7 @@ from slsd_cli.data.lvis import load_annotations
 from slsd_cli.data.sampling import RepeatFactorSampler, repeat_factors
 from slsd_cli.errors import InputError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
-from tiny_data import COCO_39769, write_dataset  # noqa: E402
+from tests.helpers.tiny_data import COCO_39769, write_dataset
 
 
 def shoelace_area(flat: list[float]) -> float:

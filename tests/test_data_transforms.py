@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,7 @@ from torchvision import tv_tensors
 from slsd_cli.data import transforms as T
 from slsd_cli.data.batching import collate, collate_pairs
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
-from tiny_data import make_sample  # noqa: E402
+from tests.helpers.tiny_data import make_sample
 
 
 def _plain(t):

@@ -20,7 +20,7 @@ from slsd_cli.errors import InputError
 from slsd_cli.stats import bootstrap_indices, bootstrap_interval, t_interval, t_quantile
 
 TINY = DemoSize(classes=10, train_images=255, val_images=12, pool_images=24, image_size=64,
-                teacher_iterations=2, distill_iterations=2, retrieve_k=2, bootstrap=20)
+                prototype_image_size=64, teacher_iterations=2, distill_iterations=2, retrieve_k=2, bootstrap=20)
 
 
 @pytest.fixture
@@ -240,7 +240,8 @@ def test_rerun_skips_finished_steps(quick_demo, one_thread):
     teacher = out / "runs" / _quick_runs()[0] / "model.safetensors"
     before = teacher.stat().st_mtime_ns
     text = run_demo(out, size=TINY).read_text()
-    assert text.count("| skipped |") >= 14
+    steps = text[text.index("## Steps"):]
+    assert steps.count("| skipped (") >= 14 and "when run) |" in steps  # each step's time is kept
     assert teacher.stat().st_mtime_ns == before
 
 
@@ -283,7 +284,43 @@ def test_tuning_uses_the_held_out_split_never_val(quick_demo, tmp_path, monkeypa
     assert tuning["chosen"]["student"]["distill.lam"] == lam
     cells = tuning["grids"][0]["cells"]
     assert [c["setting"]["smoothing.epsilon"] for c in cells] == [eps, 0.2] and sum(c["chosen"] for c in cells) == 1
-    for cell in cells + tuning["grids"][2]["cells"]:
+    assert tuning["chosen"]["uniform"] == {"smoothing.epsilon": tuning["chosen"]["similarity"]["smoothing.epsilon"]}
+    assert [g["name"] for g in tuning["grids"]] == ["similarity teacher", "student (soft targets)"]
+    for cell in cells + tuning["grids"][-1]["cells"]:
         assert (tmp_path / "runs" / cell["run"] / "eval_holdout" / "metrics.json").exists()
     assert "## Held-out grid: similarity teacher" in report and "| eps | stage |" in report
     assert "## Held-out grid: student (soft targets)" in report and "PL/img" in report
+
+
+def test_default_grids_are_the_trimmed_budget():
+    """4 similarity teachers and 7 students: later stages add one new cell each (the other is the choice)."""
+    from slsd_cli.demo.tuning import SIMILARITY_TEACHER_GRID, STUDENT_GRID
+
+    def cells(grid: Grid, base: dict) -> int:
+        seen: list[dict] = []
+        chosen = dict(base)
+        for stage in grid.stages:
+            settings = stage_settings(stage, chosen)
+            seen += [s for s in settings if s not in seen]
+            chosen = settings[-1]
+        return len(seen)
+
+    defaults = demo_pipeline._defaults()
+    assert cells(SIMILARITY_TEACHER_GRID, defaults["similarity"]) == 4
+    assert cells(STUDENT_GRID, defaults["student"]) == 7
+    first = stage_settings(STUDENT_GRID.stages[0], defaults["student"])
+    assert {(s["distill.threshold_on"], s["distill.ignore_low"], s["distill.background"]) for s in first} == {
+        ("raw", None, "hard")}  # the "before" of the issue's probe
+
+
+def test_raw_vs_corrected_pairs_survive_later_stages():
+    """The report's raw-vs-corrected line compares the two cells of that stage, even when a later stage
+    (ignore band) moved the final choice away from both."""
+    from slsd_cli.demo.tuning import differing_only_in
+
+    def cell(run: str, on: str, ign: float | None, lam: float = 2.0) -> CellResult:
+        return CellResult({"distill.lam": lam, "distill.threshold_on": on, "distill.ignore_low": ign}, {}, run, 0)
+
+    cells = [cell("raw", "raw", None), cell("lam0", "raw", None, 0.0), cell("corr", "corrected", None),
+             cell("corr_ign", "corrected", 0.1)]
+    assert [[c.run for c in group] for group in differing_only_in(cells, "distill.threshold_on")] == [["raw", "corr"]]

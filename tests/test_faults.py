@@ -34,8 +34,7 @@ from slsd_cli.cli import main
 from slsd_cli.data.synthetic import generate
 from slsd_cli.io import FileSet, atomic_write_json, check_output, save_safetensors_atomic
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
-from tiny_data import results_from_ground_truth  # noqa: E402
+from tests.helpers.tiny_data import results_from_ground_truth
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.image_size=64", "model.image_size=64", "train.batch_per_process=1", "train.micro_batch=1",
@@ -376,10 +375,13 @@ def test_killed_atomic_write_in_subprocess(world, tmp_path):
 
 
 def test_stale_rank_shards_removed_by_next_inference(world, tmp_path):
+    """A killed `eval --checkpoint` leaves its per-rank shards in the set's staging folder inside the
+    output folder; the next start removes them."""
     out = tmp_path / "eval"
-    out.mkdir()
+    staged = out / ".detections.json.set.tmp" / "0"
+    staged.mkdir(parents=True)
     for stale in ("detections.json.rank3.jsonl", ".detections.json.rank0.jsonl.abcd1234.tmp"):
-        (out / stale).write_text('{"image_id": 1}\n')
+        (staged / stale).write_text('{"image_id": 1}\n')
     assert main(["eval", "--annotations", str(world["val"]), "--checkpoint", str(world["run"]), "--images",
                  str(world["images"]), "--out-dir", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["detections.json", "metrics.json"]

@@ -69,7 +69,7 @@ def calibrate(
         with distributed.session() as dist:
             main_process = dist.is_main
             dets = _run_checkpoint(checkpoint, ann, images, iou_type, batch_size, model_kind, image_size, dist.device,
-                                   amp)
+                                   amp, output=out)
         source = f"checkpoint:{checkpoint} ({model_kind})"
     if not main_process:
         return
@@ -90,10 +90,12 @@ def calibrate(
 
 
 def _run_checkpoint(checkpoint: Path, ann, images: Path, iou_type: str, batch_size: int, model_kind: str,
-                    image_size: int | None, device, amp: str = "auto") -> "results.Detections":
+                    image_size: int | None, device, amp: str = "auto",
+                    output: Path | None = None) -> "results.Detections":
     """Detections of an slsd detector run over the annotations' images (slsd_cli.inference)."""
     from slsd_cli import inference, results
 
     records = inference.predict_results(checkpoint, ann, images, batch_size=batch_size, image_size=image_size,
-                                        model_kind=model_kind, device=device, amp=amp)
+                                        model_kind=model_kind, device=device, amp=amp,
+                                        output=output)  # its temporaries beside the output
     return results.from_records(records, ann, f"checkpoint:{checkpoint}", masks=iou_type == "segm")

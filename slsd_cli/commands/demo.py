@@ -19,8 +19,8 @@ def demo(
     seeds: str = typer.Option(None, "--seeds", help="Comma list of training seeds [default: 0; with --full: 0,1,2]. "
                               "The grid runs at the first."),
     val_images: int = typer.Option(None, "--val-images", min=1, help="Synthetic val images [default: 100; with "
-                                   "--full, --tune or --label-efficiency: 400, so that val noise stays below the "
-                                   "gaps between rows]."),
+                                   "--full, --tune or --label-efficiency: 300; the report measures val noise by a bootstrap over "
+                                   "val images]."),
     bootstrap: int = typer.Option(None, "--bootstrap", min=0, help="Bootstrap replicates over val images "
                                   "[default: 100; with --full: 50; 0 = none]."),
     teacher_iterations: int = typer.Option(None, "--teacher-iterations", min=1, help="Override the teacher's iterations."),
@@ -31,8 +31,11 @@ def demo(
     benchmark, and write OUT_DIR/report.md, which opens with the answer: does calibration-corrected
     distillation raise APr here? Finished steps are skipped on a rerun.
 
-    Example: slsd demo --out-dir runs/demo        (quick, under 10 minutes on 2 CPU cores)
-             slsd demo --full --seeds 0,1,2 --out-dir runs/full  (Table 1 with paired intervals)
+    Examples (quick: under 10 minutes on 2 CPU cores; then Table 1 with paired intervals, see docs/demo.md):
+
+    \b
+      slsd demo --out-dir runs/demo
+      slsd demo --full --seeds 0,1,2 --out-dir runs/full
     """
     import dataclasses
 

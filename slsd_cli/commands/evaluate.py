@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Optional
@@ -9,7 +10,7 @@ from typing import Optional
 import typer
 
 from slsd_cli.errors import InputError
-from slsd_cli.io import atomic_write_json, check_output
+from slsd_cli.io import FileSet, atomic_write_json, check_output
 from slsd_cli.progress import info, warn
 
 DETECTIONS_NAME = "detections.json"
@@ -74,26 +75,35 @@ def evaluate(
         with distributed.session() as dist:
             ann = load_annotations(annotations)
             predictor = inference.load_predictor(checkpoint, model, dist.device, image_size=image_size, amp=amp)
-            inference.predict_to_results(predictor, ann, images, det_out, batch_size=batch_size,
-                                         max_dets=max_dets, num_workers=workers)
+            # detections.json and metrics.json are one set: staged, renamed into place together (io.FileSet)
+            outputs = FileSet([det_out, metrics_out], force, main=dist.is_main)
+            try:
+                inference.predict_to_results(predictor, ann, images, outputs.stage(det_out), batch_size=batch_size,
+                                             max_dets=max_dets, num_workers=workers)
+            except BaseException:
+                if dist.is_main:
+                    outputs.discard()
+                raise
         if not dist.is_main:
             return
-        source, det_path = f"checkpoint:{checkpoint} ({model})", det_out
+        source, det_path = f"checkpoint:{checkpoint} ({model})", outputs.stage(det_out)
     protocol = protocol or ann.protocol
     inferred = time.perf_counter()
-    dets = results.read_results(det_path, ann, masks=iou_types is None or "segm" in iou_types)
-    if iou_types is None:
-        iou_types = evaluation.default_iou_types(dets)
-        if iou_types == ("bbox",):
-            info("detections carry no masks: evaluating bbox only")
-    if not len(dets):
-        warn(f"no detections in {det_path}: every AP is 0")
-    metrics = evaluation.evaluate(ann, dets, protocol=protocol, iou_types=iou_types, max_dets=max_dets,
-                                  path=det_path)
-    del dets
-    evaluated = time.perf_counter()
-    metrics = {**metrics, "annotations": str(annotations), "source": source}
-    atomic_write_json(metrics_out, metrics, indent=1)
+    with outputs if checkpoint is not None else contextlib.nullcontext():  # commit, or discard on error
+        dets = results.read_results(det_path, ann, masks=iou_types is None or "segm" in iou_types)
+        if iou_types is None:
+            iou_types = evaluation.default_iou_types(dets)
+            if iou_types == ("bbox",):
+                info("detections carry no masks: evaluating bbox only")
+        if not len(dets):
+            warn(f"no detections in {det_out if checkpoint is not None else det_path}: every AP is 0")
+        metrics = evaluation.evaluate(ann, dets, protocol=protocol, iou_types=iou_types, max_dets=max_dets,
+                                      path=det_path)
+        del dets
+        evaluated = time.perf_counter()
+        metrics = {**metrics, "annotations": str(annotations), "source": source}
+        atomic_write_json(outputs.stage(metrics_out) if checkpoint is not None else metrics_out, metrics,
+                          indent=1)
     if metrics["num_detections_over_max_dets"]:
         info(f"kept each image's top {max_dets} detections by score: "
              f"{metrics['num_detections_over_max_dets']:,} of "

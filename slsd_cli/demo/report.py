@@ -20,12 +20,13 @@ from slsd_cli.stats import mean_std
 
 @dataclass
 class Step:
-    """One `slsd` command of the demo (`skipped`: its output existed already)."""
+    """One `slsd` command of the demo (`skipped`: its output existed already; `seconds`: its wall time
+    when it ran, NaN if unknown)."""
 
     name: str
     argv: list[str]
     skipped: bool = False
-    seconds: float = 0.0
+    seconds: float = float("nan")
 
 
 @dataclass
@@ -62,7 +63,8 @@ def render(inputs: ReportInputs) -> str:
         f"- Training seeds: {', '.join(map(str, inputs.seeds))} (the data and the split are generated with seed 0).",
         f"- Wall time {inputs.elapsed_s / 60:.1f} min for this invocation "
         f"({sum(st.skipped for st in inputs.steps)} of {len(inputs.steps)} steps were done before and skipped); "
-        f"peak memory {inputs.peak_memory_mb:.0f} MB.",
+        f"all steps, when they ran: {_total_minutes(inputs.steps)} (the steps table); peak memory of this "
+        f"invocation {inputs.peak_memory_mb:.0f} MB.",
         f"- Machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
         f"torch {__import__('torch').__version__}.", ""]
     if inputs.rows:
@@ -80,10 +82,20 @@ def render(inputs: ReportInputs) -> str:
             lines += [f"**{caption}**", "", f"![{caption}]({path})", ""]
     lines += ["## Steps (rerun any of them alone)", "", "| step | seconds | command |", "|---|---|---|"]
     for st in inputs.steps:
-        seconds = "skipped" if st.skipped else f"{st.seconds:.0f}"
+        seconds = f"{st.seconds:.0f}" if st.seconds == st.seconds else "?"
+        if st.skipped:
+            seconds = f"skipped ({seconds} when run)" if st.seconds == st.seconds else "skipped"
         lines.append(f"| {st.name} | {seconds} | `slsd {' '.join(st.argv)}` |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _total_minutes(steps: Sequence[Step]) -> str:
+    """Sum of the steps' recorded wall times ('≥' when some are unknown)."""
+    known = [st.seconds for st in steps if st.seconds == st.seconds]
+    if not known:
+        return "unknown"
+    return f"{'≥ ' if len(known) < len(steps) else ''}{sum(known) / 60:.1f} min"
 
 
 def _results(inputs: ReportInputs) -> list[str]:
@@ -113,10 +125,11 @@ def _results(inputs: ReportInputs) -> list[str]:
         for column in ("AP", "APr"):
             half, beyond, count = table.val_resolution(diffs, column)
             if count:
+                verdict = (" — the val set resolves them." if beyond == count else
+                           " — the rest are within the val set's noise (a larger `--val-images` would help).")
                 lines.append(f"- {column}: the val interval of a paired difference is ± {half:.2f} points on average; "
                              f"{beyond} of {count} gaps between adjacent rows are larger than their own val interval"
-                             + (" — the val set resolves them." if beyond == count else
-                                " — the others are within the val set's noise (a larger `--val-images` would help)."))
+                             + verdict)
         lines.append("")
     return lines
 

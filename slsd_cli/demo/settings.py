@@ -38,6 +38,7 @@ class DemoSize:
     val_images: int = 100
     pool_images: int = 300
     image_size: int = 128
+    prototype_image_size: int = 224  # prototypes' input size (slsd prototypes --image-size), not the data's
     teacher_iterations: int = 300
     distill_iterations: int = 150
     retrieve_k: int = 8
@@ -47,8 +48,8 @@ class DemoSize:
 QUICK = DemoSize()
 # Table 1: a larger val set, so that its AP noise (measured by the bootstrap) is below the gaps
 # between rows; fewer replicates, as every replicate scores every run of every seed (18 runs x 50
-# evaluations of 400 images; the interval uses the replicates' standard deviation, not their tails).
-FULL = DemoSize(val_images=400, bootstrap=50)
+# evaluations of 300 images; the interval uses the replicates' standard deviation, not their tails).
+FULL = DemoSize(val_images=300, bootstrap=50)
 
 
 # the recipe keys that define a student run (each passed explicitly, so its directory name says it all)

@@ -190,7 +190,7 @@ def answer(student: Row, teacher: Row, uncorrected: Row | None,
     if mean != mean:
         verdict = "Cannot tell"
     elif vs_teacher.beyond_noise():
-        verdict = "Yes" if mean > 0 else "No — it lowers it"
+        verdict = ("Yes" if mean > 0 else "No — it lowers it") + (", on one seed" if n < 2 else "")
     else:
         verdict = "Not measurably"
     seeds = list(student.values)
@@ -200,8 +200,9 @@ def answer(student: Row, teacher: Row, uncorrected: Row | None,
     text = (f"**Does calibration-corrected distillation raise {column} here? {verdict}.** "
             f"The student trained on soft pseudo-labels with the calibration correction reaches mask {column} "
             f"{spread(s_mean, s_std)} against {spread(t_mean, t_std)} for its teacher ({teacher.label.lower()}): "
-            f"paired Δ {_signed(mean)} points, 95% interval over {n} seed{'s' if n != 1 else ''} "
-            f"{_bounds(vs_teacher.seeds)}, over val images {_bounds(vs_teacher.val)} ({vs_teacher.verdict()}).")
+            f"paired Δ {_signed(mean)} points, 95% interval "
+            + (f"over {n} seeds {_bounds(vs_teacher.seeds)}, " if n > 1 else "")
+            + f"over val images {_bounds(vs_teacher.val)} ({vs_teacher.verdict()}).")
     if uncorrected is not None:
         vs_soft = difference(student, uncorrected, column, bootstrap)
         text += (f" The correction itself (against the same soft-target student without it) changes {column} by "

@@ -19,46 +19,30 @@ import pytest
 import torch
 
 from slsd_cli.cli import main
-from slsd_cli.data.lvis import recount_categories
-from slsd_cli.data.synthetic import generate
 from slsd_cli.engine import checkpoint as ckpt
 from slsd_cli.engine.teacher import TeacherPhase
 from slsd_cli.io import load_safetensors
+from tests.helpers.paths import REPO
+from tests.helpers.synth import first_annotated, linked_copy
 
-REPO = Path(__file__).resolve().parents[1]
 # 64-pixel images, 2 images per iteration (one per micro-batch), no warm-up to speak of
 TINY = ["data.image_size=64", "model.image_size=64", "train.batch_per_process=2", "train.micro_batch=1",
         "train.log_every=1", "train.warmup_iters=2", "train.lr=0.001", "data.num_workers=0"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory) -> Path:
+def synth(synth_data, tmp_path_factory) -> Path:
     """The synth benchmark at 64 px (4 classes), a 16-image training subset `train16.json` and a
     4-image evaluation subset `val4.json`."""
-    root = tmp_path_factory.mktemp("synth")
-    generate(root, classes=4, train_images=255, val_images=20, pool_images=1, image_size=64, seed=0)
-    data = json.loads((root / "train.json").read_text())
-    annotated = sorted({a["image_id"] for a in data["annotations"]})[:16]
-    keep = set(annotated)
-    subset = recount_categories({**data, "images": [i for i in data["images"] if i["id"] in keep],
-                                 "annotations": [a for a in data["annotations"] if a["image_id"] in keep]})
-    (root / "train16.json").write_text(json.dumps(subset))
-    val = json.loads((root / "val.json").read_text())
-    first4 = set(sorted({a["image_id"] for a in val["annotations"]})[:4])
-    (root / "val4.json").write_text(json.dumps(recount_categories(
-        {**val, "images": [i for i in val["images"] if i["id"] in first4],
-         "annotations": [a for a in val["annotations"] if a["image_id"] in first4]})))
+    shared = synth_data(classes=4, train_images=255, val_images=20, pool_images=1, image_size=64, seed=0)
+    root = linked_copy(shared, tmp_path_factory.mktemp("synth"))
+    first_annotated(shared / "train.json", root / "train16.json", 16)
+    first_annotated(shared / "val.json", root / "val4.json", 4)
+    (root / "val.json").symlink_to(shared / "val.json")
     return root
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by several jobs: one intra-op thread is faster and keeps floats identical
-    between this process and the subprocesses (which get OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _args(synth: Path, run: Path, *extra: str, iterations: int = 10) -> list[str]:

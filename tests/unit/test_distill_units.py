@@ -125,14 +125,6 @@ def test_start_line_names_the_pseudo_label_rule():
     assert f"threshold {default.distill.threshold} on the raw score, ignore band off, background hard" in line
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 spinning threads on 2 shared cores are slower than one
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_unlabeled_image_without_pseudo_labels_gives_finite_background_loss(one_thread):
     from slsd_cli.model.model_config import tiny_cnn_config
     from slsd_cli.model.detector import CascadeMaskRCNN

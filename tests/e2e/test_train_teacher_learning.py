@@ -14,27 +14,22 @@ import pytest
 import torch
 from slsd_cli import recipe as recipes
 from slsd_cli.cli import main
-from slsd_cli.data.lvis import load_annotations, recount_categories
-from slsd_cli.data.synthetic import generate
+from slsd_cli.data.lvis import load_annotations
 from slsd_cli.engine.seeding import seed_everything
 from slsd_cli.evaluation import evaluate
 from slsd_cli.inference import predict_to_results
 from slsd_cli.results import read_results
 from slsd_cli.model.weights import build_detector, load_detector
+from tests.helpers.synth import first_annotated, linked_copy
 
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def train16(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synth_learn")
-    generate(root, classes=4, train_images=255, val_images=20, pool_images=1, image_size=SIZE, seed=0)
-    data = json.loads((root / "train.json").read_text())
-    keep = set(sorted({a["image_id"] for a in data["annotations"]})[:16])
-    subset = recount_categories({**data, "images": [i for i in data["images"] if i["id"] in keep],
-                                 "annotations": [a for a in data["annotations"] if a["image_id"] in keep]})
-    (root / "train16.json").write_text(json.dumps(subset))
-    return root / "train16.json"
+def train16(synth_data, tmp_path_factory) -> Path:
+    shared = synth_data(classes=4, train_images=255, val_images=20, pool_images=1, image_size=SIZE, seed=0)
+    root = linked_copy(shared, tmp_path_factory.mktemp("synth_learn"))
+    return first_annotated(shared / "train.json", root / "train16.json", 16)
 
 
 def average_precision(model, categories: list[dict], annotations_path: Path, out: Path) -> dict:

@@ -27,26 +27,18 @@ FAST = ["data.image_size=64", "model.image_size=64", "model.max_detections=3", "
 LOOP = ["train.micro_batch=1", "train.schedule=constant", "train.warmup_iters=0", "train.log_every=1", "train.checkpoint_every=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on 2 shared cores, two spinning OpenMP threads per run slow everything down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_synth, tmp_path_factory):
     from slsd_cli import recipe as recipes
     from slsd_cli.typed_yaml import to_dict
     from slsd_cli.data.lvis import load_annotations
-    from slsd_cli.data.synthetic import generate
     from slsd_cli.model.weights import build_detector, save_detector
 
     root = tmp_path_factory.mktemp("distill")
-    generate(root / "synth", classes=3, train_images=255, val_images=5, pool_images=8, image_size=64, seed=0)
-    train_json = root / "synth" / "train.json"
+    train_json = tiny_synth / "train.json"
     recipe = recipes.load("synthetic_tiny_distill", FAST + [f"data.train_json={train_json}"])
     annotations = load_annotations(train_json)
     torch.manual_seed(0)
@@ -60,7 +52,7 @@ def setup(tmp_path_factory):
     calibration = root / "calibration.json"  # the fields `slsd calibrate` writes that distill reads
     calibration.write_text(json.dumps({"per_class": {str(ids[0]): {"delta": -0.2}, str(ids[1]): {"delta": 0.05},
                                                      str(ids[2]): {"delta": 0.1}}}))
-    return {"root": root, "teacher": root / "teacher", "pool": root / "synth" / "pool.json",
+    return {"root": root, "teacher": root / "teacher", "pool": tiny_synth / "pool.json",
             "calibration": calibration}
 
 

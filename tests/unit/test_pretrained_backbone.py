@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +18,9 @@ from slsd_cli import timm_models
 from slsd_cli.data.lvis import load_image
 from slsd_cli.errors import InputError
 from slsd_cli.io import load_torch_file
+from tests.helpers.paths import COCO_39769
 
-CAT_PHOTO = Path(__file__).parent / "fixtures" / "coco_39769" / "000000039769.png"
+CAT_PHOTO = COCO_39769 / "000000039769.png"
 IMAGENET_CATS = set(range(281, 286))  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 

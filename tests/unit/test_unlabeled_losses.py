@@ -24,14 +24,6 @@ GT = torch.tensor([[4.0, 4.0, 28.0, 30.0]])
 IGNORE = torch.tensor([[34.0, 30.0, 60.0, 58.0]])
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _target(ignore: bool) -> dict:
     masks = torch.zeros(1, 64, 64, dtype=torch.uint8)
     masks[0, 4:30, 4:28] = 1

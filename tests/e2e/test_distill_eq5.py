@@ -21,20 +21,18 @@ FAST = ["data.image_size=64", "model.image_size=64", "model.max_detections=3", "
 DELTA = [-0.3, 0.4, 0.0]  # class 0 over-confident, class 1 under-confident
 THRESHOLD = 0.5
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_synth, tmp_path_factory):
     from slsd_cli import recipe as recipes
     from slsd_cli.data.lvis import load_annotations
-    from slsd_cli.data.synthetic import generate
     from slsd_cli.model.weights import build_detector, save_detector
     from slsd_cli.typed_yaml import to_dict
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("distill_eq5")
-    generate(root / "synth", classes=3, train_images=255, val_images=5, pool_images=4, image_size=64, seed=0)
-    train_json = root / "synth" / "train.json"
+    train_json = tiny_synth / "train.json"
     recipe = recipes.load("synthetic_tiny_distill", FAST + [f"data.train_json={train_json}"])
     annotations = load_annotations(train_json)
     torch.manual_seed(0)
@@ -48,8 +46,7 @@ def setup(tmp_path_factory):
     ids = [c["id"] for c in annotations.categories]
     calibration = root / "calibration.json"
     calibration.write_text(json.dumps({"per_class": {str(i): {"delta": d} for i, d in zip(ids, DELTA)}}))
-    yield {"root": root, "teacher": root / "teacher", "pool": root / "synth" / "pool.json", "calibration": calibration}
-    torch.set_num_threads(threads)
+    return {"root": root, "teacher": root / "teacher", "pool": tiny_synth / "pool.json", "calibration": calibration}
 
 
 def _one_iteration(setup, monkeypatch, lam: float, name: str, *extra: str) -> tuple[list[dict], list[dict]]:

@@ -20,18 +20,12 @@ from slsd_cli.model.box_coder import BoxCoder
 from slsd_cli.model.losses import (federated_classes, gather_class_targets, sigmoid_classification_loss,
                                    softmax_classification_loss)
 from slsd_cli.model.proposal_matching import match, sample
-from test_model_helpers import coco_gt, draw_shapes
+from tests.helpers.shapes import coco_gt, draw_shapes
 
 SIZE = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: one intra-op thread avoids oversubscription (several times faster here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from slsd_cli.model import build_detector, load_detector, tiny_eva_config
 from slsd_cli.model.convert_detectron2 import class_permutation, convert_state_dict, key_map, read_checkpoint
 from slsd_cli.predictor import Predictor
 from slsd_cli.typed_yaml import to_dict
+from tests.helpers.tiny_data import write_dataset
 
 # LVIS-like categories, listed in the annotation file out of id order
 CATEGORIES = [{"id": 9, "name": "c9", "frequency": "f", "image_count": 30},
@@ -309,11 +310,6 @@ def test_released_eva02_L_layout_maps_all_569_tensors(recipe, grid):
 
 def test_a_converted_run_works_in_every_command(files, tmp_path):
     """eval / calibrate / predict / prototypes --checkpoint and train-teacher model.init_from on a converted run."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
-    from tiny_data import write_dataset
-
     root, _, ckpt, _, recipe = files
     data = tmp_path / "data"
     gt = write_dataset(data, [(48, 64), (64, 40)], [2, 3], categories=(2, 5, 9))

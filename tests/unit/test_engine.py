@@ -23,6 +23,7 @@ from slsd_cli.engine.trainer import NonFiniteLossError, train
 from slsd_cli.errors import InputError
 from slsd_cli.io import load_torch_file, torch_save_atomic
 from slsd_cli.recipe import Recipe, TrainConfig, load, packaged_recipes, resolve_path
+from tests.helpers.paths import REPO
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -470,7 +471,7 @@ def test_packaged_recipes_resolve_by_name_and_validate():
     assert (lvis.smoothing.mode, lvis.smoothing.epsilon, lvis.smoothing.gamma) == ("similarity", 0.1, 1.5)
     assert (lvis.data.image_size, lvis.data.repeat_threshold, lvis.model.use_federated) == (1024, 0.001, True)
     # the repo-root recipes/ folder is the same files
-    root = Path(__file__).resolve().parents[1] / "recipes"
+    root = REPO / "recipes"
     assert (root / "synthetic_tiny.yaml").read_text() == resolve_path("synthetic_tiny").read_text()
     with pytest.raises(InputError, match="unknown key train.lrr"):
         load("synthetic_tiny", ["train.lrr=1"])

@@ -13,7 +13,7 @@ import time
 import torch
 
 from slsd_cli.model import CascadeMaskRCNN, tiny_cnn_config
-from test_model_helpers import box_ap50, draw_shapes
+from tests.helpers.shapes import box_ap50, draw_shapes
 
 SIZE = 128
 MAX_ITERATIONS = 100

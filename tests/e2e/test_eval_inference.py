@@ -25,6 +25,8 @@ CATEGORIES = [{"id": 2, "name": "a", "frequency": "r"}, {"id": 5, "name": "b", "
               {"id": 8, "name": "c", "frequency": "f"}]
 SIZES = [(48, 64), (64, 56), (64, 64), (40, 60)]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _write_dataset(root: Path) -> Path:
     rng = np.random.default_rng(0)
@@ -69,14 +71,9 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_process(setup):
     root, gt, run = setup
-    out = root / "one"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1): same float reductions
-    try:
-        assert main(["eval", "--annotations", str(gt), "--checkpoint", str(run), "--images", str(root / "images"),
-                     "--out-dir", str(out), "--max-dets", "20", "--batch-size", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    out = root / "one"  # one thread (the module's): as each torchrun worker, the same float reductions
+    assert main(["eval", "--annotations", str(gt), "--checkpoint", str(run), "--images", str(root / "images"),
+                 "--out-dir", str(out), "--max-dets", "20", "--batch-size", "1"]) == 0
     return out
 
 
@@ -127,13 +124,7 @@ def test_teacher_is_selected_with_model_teacher(single_process, setup):
     with pytest.raises(InputError):
         inference.resolve_checkpoint(run, "ema")
     ann = load_annotations(gt)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        teacher = inference.predict_results(run, ann, root / "images", model_kind="teacher", max_dets=20,
-                                            device="cpu")
-    finally:
-        torch.set_num_threads(threads)
+    teacher = inference.predict_results(run, ann, root / "images", model_kind="teacher", max_dets=20, device="cpu")
     _, student = _load(single_process)
     assert len(teacher) > 0 and teacher != student
     assert {d["image_id"] for d in teacher} <= set(ann.images)

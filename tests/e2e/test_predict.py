@@ -18,13 +18,11 @@ from slsd_cli.results import read_results
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tiny_synth, tmp_path_factory):
     from slsd_cli.model import build_detector, save_detector, tiny_eva_config
 
     root = tmp_path_factory.mktemp("predict")
-    synth = root / "synth"
-    assert main(["synth", str(synth), "--classes", "3", "--train-images", "255", "--val-images", "5",
-                 "--pool-images", "2", "--image-size", "64"]) == 0
+    synth = tiny_synth  # its val split: 3 classes, 5 images of 64 px
     val = load_annotations(synth / "val.json")
     torch.manual_seed(0)
     cfg = tiny_eva_config(image_size=64, test_score_threshold=0.0, max_detections=20,

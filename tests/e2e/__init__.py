@@ -1,0 +1,1 @@
+"""End-to-end tests: `slsd` commands (and torchrun launches of them) run on generated data."""

@@ -8,8 +8,6 @@ from typing import Optional
 
 import typer
 
-from slsd_cli.errors import InputError
-from slsd_cli.io import check_output
 from slsd_cli.progress import info, progress, warn
 
 
@@ -47,52 +45,19 @@ def prototypes(
     Example: slsd prototypes --annotations train.json --images synth/images --backbone resnet18 --random-init
     --out prototypes.safetensors
     """
-    import torch
-    from slsd_cli import distributed
-    from slsd_cli.data.lvis import load_annotations
-    from slsd_cli.labels import prototypes as protos
-    from slsd_cli.labels.smoothing import save_prototypes
+    from slsd_cli.labels.prototypes import PrototypesConfig, run_prototypes
 
+    cfg = PrototypesConfig(
+        annotations=annotations, images=images, out=out, backbone=backbone, weights=weights,
+        random_init=random_init, checkpoint=checkpoint, feature_level=feature_level, image_size=image_size,
+        batch_size=batch_size, pool_size=pool_size, mask_weighted=mask_weighted, workers=workers, seed=seed,
+        force=force)
     started = time.perf_counter()
-    if (backbone is None) == (checkpoint is None):
-        raise InputError("give exactly one of --backbone TIMM_NAME or --checkpoint RUN")
-    if checkpoint is not None and (weights is not None or random_init):
-        raise InputError("--weights and --random-init go with --backbone, not --checkpoint")
-    if not images.is_dir():
-        raise InputError("images folder not found", path=images)
-    dist = distributed.init()
-    try:
-        check_output(out, force)
-        ann = load_annotations(annotations)
-        torch.manual_seed(seed)
-        if backbone is not None:
-            extractor = protos.timm_extractor(backbone, weights=weights, random_init=random_init,
-                                              feature_level=feature_level, image_size=image_size)
-        else:
-            extractor = protos.checkpoint_extractor(checkpoint, ann)
-        image_ids, _ = protos.prototype_image_ids(ann)
-        shard = len(distributed.shard_indices(len(image_ids)))
-        with progress() as bar:
-            task = bar.add_task("prototypes", total=shard, status=f"rank 0 of {dist.world_size}")
-            result = protos.compute_prototypes(
-                extractor, ann, images, image_size=image_size, batch_size=batch_size, pool_size=pool_size,
-                mask_weighted=mask_weighted, workers=workers, device=dist.device,
-                progress_task=lambda k: bar.advance(task, k))
-        metadata = {
-            **extractor.metadata, "annotations": str(annotations), "image_size": image_size,
-            "pool_size": pool_size, "mask_weighted": mask_weighted, "images": result["images"],
-            "instances": result["instances"], "crowd_skipped": result["crowd_skipped"],
-            "world_size": dist.world_size, "seed": seed,
-        }
-        if dist.is_main:
-            save_prototypes(out, result["prototypes"], result["counts"], result["similarity"],
-                            result["category_ids"], metadata)
-        distributed.barrier()
-    finally:
-        distributed.cleanup()
-    if dist.is_main:
-        _summary(result, extractor.dim, dist.world_size, out, time.perf_counter() - started)
-
+    with progress() as bar:
+        done = run_prototypes(cfg, progress=bar)
+    if done is not None:
+        result, dim, world_size = done
+        _summary(result, dim, world_size, out, time.perf_counter() - started)
 
 def _summary(result: dict, dim: int, world_size: int, out: Path, seconds: float) -> None:
     import torch

@@ -66,11 +66,8 @@ def retrieve(
         index=index, nlist=nlist, pq_m=pq_m, ivf_refine=ivf_refine, target_recall=target_recall,
         dedup_threshold=dedup_threshold, cache_dir=cache_dir, chunk_size=chunk_size, skip_bad_images=skip_bad_images,
         batch_size=batch_size, workers=workers, seed=seed, force=force)
-    try:
-        with progress() as bar:
-            summary = run_retrieve(cfg, progress=bar)
-    finally:
-        distributed.cleanup()
+    with distributed.session(cfg.device), progress() as bar:
+        summary = run_retrieve(cfg, progress=bar)
     if summary is not None:
         print_summary(summary)
 

@@ -358,19 +358,6 @@ def load_image(path: str | Path, record: Any = None) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-# ---------------------------------------------------------------- results (detections)
-
-
-def validate_results(results: Any, annotations: Annotations, path: str | Path) -> list[dict]:
-    """Check a parsed detections list (LVIS/COCO results format) against its annotations and
-    return it. The checks are those of the one results reader, `slsd_cli.results` (kept here for
-    callers holding records rather than a file)."""
-    from slsd_cli.results import from_records
-
-    from_records(results, annotations, path)
-    return results
-
-
 def dataset_dict(images: list[dict], annotations: list[dict], categories: list[dict],
                  info: dict | None = None) -> dict:
     """Assemble an LVIS-format dataset dict with counts and frequency groups recomputed."""

@@ -254,7 +254,8 @@ def inherit_from_teacher(recipe: Recipe, teacher_meta: dict) -> tuple[Recipe, li
 
 
 def load_teacher(recipe: Recipe, device: torch.device) -> tuple[nn.Module, dict]:
-    """The student, built from the recipe's `model:` section and loaded with the teacher run's weights."""
+    """The student, built from the recipe's `model:` section (`run` has checked that it is the
+    teacher's network: `weights.check_same_network`) and loaded with the teacher run's weights."""
     from slsd_cli.model.weights import build_detector, load_detector
 
     source = Path(recipe.distill.teacher)
@@ -368,6 +369,12 @@ def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: boo
     teacher_meta = read_json(meta_path)
     if not isinstance(teacher_meta, dict):
         raise InputError("not an slsd detector description", path=meta_path)
+    if not isinstance(teacher_meta.get("model"), dict):
+        raise InputError("'model' must be an object (the model: section of the recipe)", path=meta_path)
+    from slsd_cli.model.weights import check_same_network
+
+    # the student is the teacher's network, normalisation included (before the run dir is touched)
+    check_same_network(recipe.model, teacher_meta, meta_path)
     recipe, taken = inherit_from_teacher(recipe, teacher_meta)
     if recipe.data.train_json is None:
         raise InputError("no labeled annotations: set data.train_json or pass --train-json", record="recipe")

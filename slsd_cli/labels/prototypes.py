@@ -346,3 +346,68 @@ def _reduce_device() -> torch.device:
     if distributed.is_distributed() and torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+@dataclass
+class PrototypesConfig:
+    """What `slsd prototypes` was asked for (one field per option; see its `--help`)."""
+
+    annotations: Path
+    images: Path
+    out: Path
+    backbone: str | None = None
+    weights: Path | None = None
+    random_init: bool = False
+    checkpoint: Path | None = None
+    feature_level: int = -1
+    image_size: int = 1024
+    batch_size: int = 8
+    pool_size: int = 7
+    mask_weighted: bool = False
+    workers: int = 0
+    seed: int = 0
+    force: bool = False
+
+
+def run_prototypes(cfg: PrototypesConfig, progress=None) -> tuple[dict, int, int] | None:
+    """The whole `slsd prototypes` step: check the inputs, embed every instance (each process a shard
+    of the images, sums all-reduced), write `cfg.out` on rank 0. Returns (result, embedding dim,
+    world size) on rank 0, None on other ranks. `progress` is a `slsd_cli.progress.progress()` bar."""
+    from slsd_cli.data.lvis import load_annotations
+    from slsd_cli.io import check_output
+    from slsd_cli.labels.smoothing import save_prototypes
+
+    if (cfg.backbone is None) == (cfg.checkpoint is None):
+        raise InputError("give exactly one of --backbone TIMM_NAME or --checkpoint RUN")
+    if cfg.checkpoint is not None and (cfg.weights is not None or cfg.random_init):
+        raise InputError("--weights and --random-init go with --backbone, not --checkpoint")
+    if not Path(cfg.images).is_dir():
+        raise InputError("images folder not found", path=cfg.images)
+    check_output(cfg.out, cfg.force)
+    ann = load_annotations(cfg.annotations)
+    with distributed.session() as dist:
+        torch.manual_seed(cfg.seed)
+        if cfg.backbone is not None:
+            extractor = timm_extractor(cfg.backbone, weights=cfg.weights, random_init=cfg.random_init,
+                                       feature_level=cfg.feature_level, image_size=cfg.image_size)
+        else:
+            extractor = checkpoint_extractor(cfg.checkpoint, ann)
+        image_ids, _ = prototype_image_ids(ann)
+        shard = len(distributed.shard_indices(len(image_ids)))
+        task = progress.add_task("prototypes", total=shard, status=f"rank 0 of {dist.world_size}") \
+            if progress is not None else None
+        result = compute_prototypes(
+            extractor, ann, cfg.images, image_size=cfg.image_size, batch_size=cfg.batch_size,
+            pool_size=cfg.pool_size, mask_weighted=cfg.mask_weighted, workers=cfg.workers, device=dist.device,
+            progress_task=(lambda k: progress.advance(task, k)) if progress is not None else None)
+        metadata = {
+            **extractor.metadata, "annotations": str(cfg.annotations), "image_size": cfg.image_size,
+            "pool_size": cfg.pool_size, "mask_weighted": cfg.mask_weighted, "images": result["images"],
+            "instances": result["instances"], "crowd_skipped": result["crowd_skipped"],
+            "world_size": dist.world_size, "seed": cfg.seed,
+        }
+        if dist.is_main:
+            save_prototypes(cfg.out, result["prototypes"], result["counts"], result["similarity"],
+                            result["category_ids"], metadata)
+        distributed.barrier()
+        return (result, extractor.dim, dist.world_size) if dist.is_main else None

@@ -20,7 +20,11 @@ patch-14 kernel to patch 16 (`resample_patch_embed`); the position embedding is 
 with plain bicubic interpolation (`resample_pos_embed`: no antialiasing, as EVA-02's detector does on
 every forward — timm's default antialiased resampling changes the table by up to 8%). We copy patch
 embedding, position embedding (without the class token) and blocks, and refuse a checkpoint that
-lacks any of them or has other shapes. A timm CNN with features_only=True gets its weights from timm.
+lacks any of them or has other shapes. A timm CNN (features_only=True) gets its weights from
+`model.weights` (a local file, through timm's checkpoint filter), else with `pretrained: true` from
+the package that ships them for a name in `timm_models.PACKAGED` (`efficientnet_lite0`: ImageNet,
+offline, `timm_models.create_packaged`), else from timm's download by name (needs the network or
+the HF_HUB_OFFLINE cache).
 
 Input canvas (`Backbone.canvas`): a ViT always sees the square canvas it was trained on — at least
 `image_size` x `image_size`, zero-padded at the bottom/right (ViTDet's square padding) — so the

@@ -107,6 +107,19 @@ class ModelConfig:
             raise ValueError("pixel_mean and pixel_std must hold 3 numbers (RGB)")
 
 
+# Where a detector's starting weights come from: not part of the network a saved model.json describes.
+WEIGHT_SOURCE_KEYS = ("pretrained", "pretrained_name", "weights", "init_from")
+# What shapes only training (regularisation, matching, sampling, loss) or the post-processing of
+# detections (proposal / detection NMS, top-k, score threshold), never the network's tensors, its
+# input normalisation or its features: a distillation student may set these differently from the
+# teacher it starts from. Every other key (a new one too) must equal the teacher's.
+NON_NETWORK_KEYS = ("drop_path", "grad_checkpointing", "rpn_iou_thresholds", "rpn_batch_size_per_image",
+                    "rpn_positive_fraction", "rpn_pre_nms_topk_train", "rpn_post_nms_topk_train", "rois_per_image",
+                    "positive_fraction", "cascade_ious", "use_federated", "federated_num_classes", "federated_power",
+                    "rpn_nms", "rpn_pre_nms_topk_test", "rpn_post_nms_topk_test", "test_score_threshold", "test_nms",
+                    "max_detections")
+
+
 def tiny_cnn_config(**overrides) -> ModelConfig:
     """The narrow ResNet-18-FPN detector (CPU-fast, random init): the `model:` section of the packaged
     `synthetic_tiny` recipe on a random-init ResNet-18 with ImageNet normalisation (the recipe itself

@@ -2,13 +2,18 @@
 
 A saved detector is a directory with
 - `model.safetensors`: the state dict; its metadata repeats the class count and category ids;
-- `model.json`: {"format", "model" (the ModelConfig), "num_classes", "categories" [{id, name,
-  frequency, image_count, ...}] in contiguous class order, "extra" (anything the caller adds)}.
+- `model.json`: {"format", "model" (the ModelConfig: every key, the input normalisation
+  `pixel_mean` / `pixel_std` included — it is no tensor of the state dict), "num_classes",
+  "categories" [{id, name, frequency, image_count, ...}] in contiguous class order, "extra"
+  (anything the caller adds)}; the safetensors metadata repeats `pixel_mean` / `pixel_std`.
 Both are written atomically. `load_detector` rebuilds the model from the json (random init, no
 backbone weight download), then loads the tensors strictly: a missing, unexpected or differently
-shaped tensor, or categories that disagree (between the two files, or with the caller's list), is
-an InputError naming the file. `build_detector` with `cfg.init_from = RUN` starts from a saved
-detector's tensors (the same strict checks; its category ids must equal the given ones, in order).
+shaped tensor, categories or a normalisation that disagree (between the two files, or categories
+with the caller's list), is an InputError naming the file. `check_same_network` refuses a config
+that differs from a saved detector's in any key but the weight source, training and post-processing
+ones (`model_config.NON_NETWORK_KEYS`): a distillation student is the teacher's network.
+`build_detector` with `cfg.init_from = RUN` starts from a saved detector's tensors (the same strict
+checks; its category ids must equal the given ones, in order).
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from slsd_cli.typed_yaml import from_dict, to_dict
 from slsd_cli.errors import InputError
 from slsd_cli.io import (atomic_write_json, json_metadata, load_safetensors, make_dirs, read_json,
                          save_safetensors_atomic)
-from slsd_cli.model.model_config import ModelConfig
+from slsd_cli.model.model_config import NON_NETWORK_KEYS, WEIGHT_SOURCE_KEYS, ModelConfig
 from slsd_cli.model.detector import CascadeMaskRCNN
 
 FORMAT = "slsd-detector/1"
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "model.json"
 CATEGORY_KEYS = ("id", "name", "frequency", "image_count", "instance_count")
+PIXEL_KEYS = ("pixel_mean", "pixel_std")  # the input normalisation: in model.json and the weights' metadata
 
 
 def _category_records(categories: list[dict]) -> list[dict]:
@@ -79,16 +85,16 @@ def save_detector(model: CascadeMaskRCNN, out_dir: str | Path, categories: list[
     if len(categories) != model.num_classes:
         raise InputError(f"{len(categories)} categories for a model with {model.num_classes} classes",
                          path=out_dir)
-    ignore = ("pretrained", "pretrained_name", "weights", "init_from")
-    given = {k: v for k, v in to_dict(model_cfg).items() if k not in ignore}
-    built = {k: v for k, v in to_dict(model.cfg).items() if k not in ignore}
+    given = {k: v for k, v in to_dict(model_cfg).items() if k not in WEIGHT_SOURCE_KEYS}
+    built = {k: v for k, v in to_dict(model.cfg).items() if k not in WEIGHT_SOURCE_KEYS}
     if given != built:
         diff = sorted(k for k in given if given[k] != built.get(k))
         raise InputError(f"model_cfg differs from the config the model was built with ({', '.join(diff)})",
                          path=out_dir)
     state = dict(model.state_dict())
     metadata = {"format": FORMAT, "num_classes": str(model.num_classes),
-                "category_ids": json.dumps([c["id"] for c in categories])}
+                "category_ids": json.dumps([c["id"] for c in categories]),
+                **{key: json.dumps(getattr(model_cfg, key)) for key in PIXEL_KEYS}}
     make_dirs(out_dir)
     save_safetensors_atomic(state, out_dir / WEIGHTS_NAME, metadata=metadata)
     meta = {"format": FORMAT, "model": to_dict(model_cfg), "num_classes": model.num_classes,
@@ -127,7 +133,23 @@ def read_saved(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     ids = [c["id"] for c in meta["categories"]]
     if metadata.get("category_ids") is not None and json_metadata(metadata, "category_ids", weights_path) != ids:
         raise InputError(f"category ids in the weights disagree with {meta_path.name}", path=weights_path)
+    for key in PIXEL_KEYS:  # files written before the weights recorded it have no such entry
+        if metadata.get(key) is not None and json_metadata(metadata, key, weights_path) != meta["model"].get(key):
+            raise InputError(f"model.{key} in {meta_path.name} ({meta['model'].get(key)}) disagrees with the "
+                             f"normalisation the weights were saved with ({metadata[key]})", path=meta_path)
     return tensors, meta, weights_path, meta_path
+
+
+def check_same_network(cfg: ModelConfig, meta: dict, meta_path: Path, role: str = "teacher") -> None:
+    """Refuse `cfg` when any key other than the weight source and `NON_NETWORK_KEYS` differs
+    from the saved detector's model config (`meta` = its model.json): one line naming the first key."""
+    saved = to_dict(from_dict(ModelConfig, meta["model"], source=meta_path, prefix="model."))
+    own = to_dict(cfg)
+    for key, value in own.items():
+        if key in WEIGHT_SOURCE_KEYS or key in NON_NETWORK_KEYS or saved.get(key) == value:
+            continue
+        raise InputError(f"model.{key} is {value!r} but the {role} was built with {saved.get(key)!r}: the student "
+                         f"is the {role}'s network (remove the key or give the {role}'s value)", path=meta_path)
 
 
 def _check_meta_types(meta: dict, meta_path: Path) -> None:

@@ -16,10 +16,17 @@ count). Every finished chunk is written atomically as one safetensors file:
 (crop margin) and the item list itself, so changing any of them starts a fresh cache; a chunk whose
 files changed on disk since it was written (size or mtime) is recomputed. A run that is interrupted
 leaves whole chunks only, and the next run embeds only the chunks that are missing.
+
+A refused run (an InputError, e.g. an unreadable image found while embedding, `refused_run_cleanup`)
+leaves nothing that was not useful: its abort markers are removed, and a cache folder it created
+is removed unless it holds a finished chunk (whole chunks are valid work that the corrected rerun
+reuses — with `--skip-bad-images`, or after the bad file is replaced, only that file's chunk is
+embedded again); a folder that existed before the run, which a resume needs, is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,12 +39,14 @@ import torch
 
 from slsd_cli import distributed
 from slsd_cli.errors import InputError
-from slsd_cli.io import atomic_write_json, make_dirs, save_safetensors_atomic
+from slsd_cli.io import atomic_write_json, make_dirs, remove_leftovers, save_safetensors_atomic
 from slsd_cli.retrieval.embedders import Embedder
 from slsd_cli.retrieval.images import HASH_BYTES, Item, ItemDataset, collate
 
 CACHE_FORMAT = 1
 PREPROCESS_VERSION = "pil-draft-bilinear-1"  # bump when decoding/cropping/resizing changes
+ABORT_GLOB = "ABORT.rank*"  # a failed rank's marker: the other ranks stop at their next batch
+CHUNK_GLOB = "chunk_*.safetensors"
 
 
 def items_digest(items) -> str:
@@ -193,6 +202,8 @@ def embed_items(items, embedder: Embedder, cache_dir: str | Path, kind: str, *, 
     store = EmbeddingStore(directory, len(items), chunk_size, embedder.dim)
     own_abort = directory / f"ABORT.rank{distributed.rank()}"
     own_abort.unlink(missing_ok=True)
+    if distributed.is_main():  # also the markers of ranks a failed run had and this one has not
+        remove_leftovers(directory, ABORT_GLOB)
     distributed.barrier()  # no rank looks for abort markers before every stale one is gone
 
     mine = distributed.shard_indices(store.num_chunks)
@@ -225,7 +236,7 @@ def embed_items(items, embedder: Embedder, cache_dir: str | Path, kind: str, *, 
             own_abort.write_text(error.format() + "\n")
             raise error
         if distributed.world_size() > 1:
-            aborted = sorted(directory.glob("ABORT.rank*"))
+            aborted = sorted(directory.glob(ABORT_GLOB))
             if aborted:
                 raise InputError(f"stopped because another process failed: {aborted[0].read_text().strip()}")
         emb = np.zeros((len(ok), embedder.dim), dtype=np.float32)
@@ -277,6 +288,49 @@ def sync_errors(error: InputError | None) -> None:
     if failed:
         rank, message = failed[0]
         raise InputError(f"{message} (reported by rank {rank})")
+
+
+@contextlib.contextmanager
+def refused_run_cleanup(cache_dir: str | Path) -> Iterator[None]:
+    """Wrap a run's use of `cache_dir` (enter on every rank, before any `embed_items`): on an
+    InputError — raised on every rank by `sync_errors`, so every rank has stopped embedding — rank 0
+    removes what the run added to the cache and would not help the corrected rerun: every abort
+    marker, each cache folder this run created that holds no finished chunk, and `cache_dir` and
+    the folders above it that this run created, once empty. Finished chunks and folders that
+    existed before (an interrupted run's, which a resume needs) are kept."""
+    cache_dir = Path(cache_dir)
+    existing = cache_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    before = {p.name for p in cache_dir.iterdir()} if cache_dir.is_dir() else set()
+    distributed.barrier()  # every rank looked before any rank creates a cache folder
+    try:
+        yield
+    except InputError:
+        if distributed.is_main():
+            _discard_refused(cache_dir, before, existing)
+        raise
+
+
+def _discard_refused(cache_dir: Path, before: set[str], existing: Path) -> None:
+    """See `refused_run_cleanup`."""
+    if not cache_dir.is_dir():
+        return
+    for folder in sorted(p for p in cache_dir.iterdir() if p.is_dir()):
+        remove_leftovers(folder, ABORT_GLOB)
+        if folder.name in before or any(folder.glob(CHUNK_GLOB)):
+            continue
+        # only what embed_items writes before its first chunk: the key document and temporaries
+        remove_leftovers(folder, "cache.json", ".*.tmp")
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # anything else in it (not ours) keeps it
+    folder = cache_dir
+    while folder != existing and folder != folder.parent:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or not ours to remove
+            break
+        folder = folder.parent
 
 
 def first_error(store: EmbeddingStore, items: list[Item]) -> InputError | None:

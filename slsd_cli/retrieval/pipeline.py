@@ -2,7 +2,11 @@
 
 1. Query embeddings: every (non-crowd) instance of the chosen frequency groups in the labeled
    annotations, as a context crop (`images.crop_window`). Pool embeddings: one per image. Both
-   chunked, sharded over torchrun ranks and cached/resumable (`cache.embed_items`).
+   chunked, sharded over torchrun ranks and cached/resumable (`cache.embed_items`). Every input
+   that can be checked without decoding images (options, annotations, pool listing, labeled image
+   files, embedder weights) is checked before the cache is touched; a run refused later (an image
+   that does not decode) takes back what it added to the cache except finished chunks
+   (`cache.refused_run_cleanup`).
 2. Before indexing (rank 0): unreadable pool images are an error naming the file, or with
    `skip_bad_images` counted and left out; pool images whose file content (blake2b-128) equals a
    labeled image's, or whose file name equals a labeled image's file name, are excluded; of exact
@@ -37,7 +41,7 @@ from slsd_cli.data.lvis import image_file_name, load_annotations
 from slsd_cli.errors import InputError
 from slsd_cli.io import FileSet, atomic_path, atomic_write_json, check_output
 from slsd_cli.retrieval import index as faiss_index
-from slsd_cli.retrieval.cache import embed_items, first_error, sync_errors
+from slsd_cli.retrieval.cache import embed_items, first_error, refused_run_cleanup, sync_errors
 from slsd_cli.retrieval.embedders import DEFAULT_EMBEDDER, build_embedder
 from slsd_cli.retrieval.images import Item, PoolListing, file_content_hash, list_pool
 
@@ -187,13 +191,20 @@ def collapse_near_duplicates(vectors: np.ndarray, threshold: float, block: int =
     return duplicate_of
 
 
-def hash_labeled_images(annotations, images_dir: Path, workers: int = 8, progress=None) -> tuple[np.ndarray, set[str]]:
-    """Content hashes and file names of every labeled image (a missing file is an InputError)."""
+def labeled_image_paths(annotations, images_dir: Path) -> tuple[list[dict], list[Path]]:
+    """Every labeled image's record and file (a missing file is an InputError): checked before the
+    cache is touched; whether a file decodes is only found while embedding (decoding is its first step)."""
     records = [annotations.images[i] for i in annotations.image_ids]
     paths = [Path(images_dir) / image_file_name(r) for r in records]
     for rec, path in zip(records, paths):
         if not path.is_file():
             raise InputError("labeled image file not found", path=path, record=f"image id {rec['id']}")
+    return records, paths
+
+
+def hash_labeled_images(annotations, images_dir: Path, workers: int = 8, progress=None) -> tuple[np.ndarray, set[str]]:
+    """Content hashes and file names of every labeled image (a missing file is an InputError)."""
+    records, paths = labeled_image_paths(annotations, images_dir)
     task = progress.add_task("hash labeled", total=len(paths), status="") if progress is not None else None
     out = np.zeros((len(paths), 16), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -219,6 +230,7 @@ def run_retrieve(cfg: RetrieveConfig, progress=None) -> dict[str, Any] | None:
     images_dir = Path(cfg.images)
     if not images_dir.is_dir():
         raise InputError("images folder not found", path=images_dir)
+    labeled_image_paths(annotations, images_dir)
     first_folder_id = max(annotations.images, default=0) + 1
     pool_is_dir = Path(cfg.pool).is_dir()
     pool = list_pool(cfg.pool, cfg.pool_images if cfg.pool_images is not None or pool_is_dir else images_dir,
@@ -235,48 +247,50 @@ def run_retrieve(cfg: RetrieveConfig, progress=None) -> dict[str, Any] | None:
                         record=f"annotation id {a['id']}") for a in queries]
     common = dict(batch_size=cfg.batch_size, workers=cfg.workers, chunk_size=cfg.chunk_size, progress=progress)
 
-    t = time.perf_counter()
-    error = None
-    try:
-        pool_store = embed_items(pool_items, embedder, cache_dir, "pool", hash_files=True,
-                                 fail_fast=not cfg.skip_bad_images, error_hint=SKIP_HINT, **common)
-    except InputError as exc:
-        error = exc
-    sync_errors(error)
-    timings["embed_pool_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    error = None
-    try:
-        query_store = embed_items(query_items, embedder, cache_dir, "queries", margin=cfg.crop_margin,
-                                  fail_fast=True, **common)
-    except InputError as exc:
-        error = exc
-    sync_errors(error)
-    timings["embed_queries_s"] = time.perf_counter() - t
-
-    # ---- what gets searched (rank 0 decides; the other ranks read the decision from the cache)
-    work = pool_store.directory / "search" / query_store.directory.name
-    keep_file = work / "keep.npy"
-    own_partial = work / f"topk.rank{info.rank}.npz"
-    own_partial.unlink(missing_ok=True)
-    error, plan, errors, sizes = None, None, {}, None
-    t = time.perf_counter()
-    if info.is_main:
+    # a refused run (bad input found while embedding or excluding) takes back what it added to the cache
+    with refused_run_cleanup(cache_dir):
+        t = time.perf_counter()
+        error = None
         try:
-            ok, hashes, sizes, errors = pool_store.metadata()
-            if errors and not cfg.skip_bad_images:
-                raise first_error(pool_store, pool_items)  # left in the cache by a --skip-bad-images run
-            labeled_hashes, labeled_names = hash_labeled_images(annotations, images_dir, progress=progress)
-            plan = exclusion_plan(pool, ok, hashes, labeled_hashes, labeled_names)
-            if not plan["keep"].any():
-                raise InputError("no pool image is left to search (all unreadable, labeled or duplicates)",
-                                 path=cfg.pool)
-            if info.world_size > 1:
-                with atomic_path(keep_file) as tmp, open(tmp, "wb") as handle:
-                    np.save(handle, plan["keep"])
+            pool_store = embed_items(pool_items, embedder, cache_dir, "pool", hash_files=True,
+                                     fail_fast=not cfg.skip_bad_images, error_hint=SKIP_HINT, **common)
         except InputError as exc:
             error = exc
-    sync_errors(error)
+        sync_errors(error)
+        timings["embed_pool_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        error = None
+        try:
+            query_store = embed_items(query_items, embedder, cache_dir, "queries", margin=cfg.crop_margin,
+                                      fail_fast=True, **common)
+        except InputError as exc:
+            error = exc
+        sync_errors(error)
+        timings["embed_queries_s"] = time.perf_counter() - t
+
+        # ---- what gets searched (rank 0 decides; the other ranks read the decision from the cache)
+        work = pool_store.directory / "search" / query_store.directory.name
+        keep_file = work / "keep.npy"
+        own_partial = work / f"topk.rank{info.rank}.npz"
+        own_partial.unlink(missing_ok=True)
+        error, plan, errors, sizes = None, None, {}, None
+        t = time.perf_counter()
+        if info.is_main:
+            try:
+                ok, hashes, sizes, errors = pool_store.metadata()
+                if errors and not cfg.skip_bad_images:
+                    raise first_error(pool_store, pool_items)  # left in the cache by a --skip-bad-images run
+                labeled_hashes, labeled_names = hash_labeled_images(annotations, images_dir, progress=progress)
+                plan = exclusion_plan(pool, ok, hashes, labeled_hashes, labeled_names)
+                if not plan["keep"].any():
+                    raise InputError("no pool image is left to search (all unreadable, labeled or duplicates)",
+                                     path=cfg.pool)
+                if info.world_size > 1:
+                    with atomic_path(keep_file) as tmp, open(tmp, "wb") as handle:
+                        np.save(handle, plan["keep"])
+            except InputError as exc:
+                error = exc
+        sync_errors(error)
     keep = plan["keep"] if info.is_main else np.load(keep_file)
     timings["exclusion_s"] = time.perf_counter() - t
     rows_to_pool = np.flatnonzero(keep)

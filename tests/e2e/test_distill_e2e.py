@@ -20,6 +20,7 @@ import torch
 
 from slsd_cli.cli import main
 from slsd_cli.io import load_safetensors
+from tests.helpers.cli import read_metrics
 
 FAST = ["data.image_size=64", "model.image_size=64", "model.max_detections=3", "model.rpn_post_nms_topk_train=64",
         "model.rpn_post_nms_topk_test=64", "model.rois_per_image=32", "model.fpn_channels=32",
@@ -62,10 +63,6 @@ def _args(setup, out: Path, *extra: str) -> list[str]:
             "--out-dir", str(out)]
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_safetensors(path)[0]
 
@@ -79,7 +76,7 @@ def straight(setup):
 
 
 def test_distill_runs_with_finite_losses_and_logs(setup, straight):
-    records = _metrics(straight)
+    records = read_metrics(straight)
     assert [r["iter"] for r in records] == [1, 2, 3, 4]
     for r in records:
         assert math.isfinite(r["loss"]) and all(math.isfinite(v) for v in r["losses"].values())
@@ -115,7 +112,7 @@ def test_resume_is_exact(setup, straight):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{rel}: {key} differs after resume"
-    assert [r["loss"] for r in _metrics(out)] == [r["loss"] for r in _metrics(straight)]
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(straight)]
 
 
 def test_existing_run_needs_force_or_resume(setup, straight):
@@ -155,7 +152,7 @@ def test_two_process_torchrun_matches_one_process(setup, straight):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / "model.safetensors").is_file() and (out / "teacher" / "model.safetensors").is_file()
-    ddp, one = _metrics(out), _metrics(single)
+    ddp, one = read_metrics(out), read_metrics(single)
     assert [r["iter"] for r in ddp] == [1, 2]
     for a, b in zip(ddp, one):
         assert a["pl_per_image"] == b["pl_per_image"]

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from slsd_cli import timm_models
-from slsd_cli.cli import main
 from slsd_cli.data.lvis import annotation_mask, load_annotations, load_image
 from slsd_cli.data.synthetic import generate
 from slsd_cli.labels import prototypes as protos
 from slsd_cli.labels.smoothing import cosine_similarity, load_prototypes
+from tests.helpers.cli import run_cli
 
 IMAGE_SIZE = 64
 LEVEL = 2  # resnet18 stride-8 stage: an 8 x 8 map at 64 px
@@ -131,17 +131,12 @@ def test_vit_backbone_at_image_size():
     assert stride == 16 and tuple(features.shape) == (1, 192, 4, 4)
 
 
-def _cli(args, capsys):
-    code = main(args)
-    return code, capsys.readouterr().err.strip()
-
-
 def test_torchrun_two_processes_equal_one(synth, tmp_path, capsys):
     common = ["--annotations", str(synth / "val.json"), "--images", str(synth / "images"), "--backbone", "resnet18",
               "--random-init", "--feature-level", str(LEVEL), "--image-size", str(IMAGE_SIZE), "--batch-size", "4",
               "--seed", "5"]
     one = tmp_path / "one.safetensors"
-    code, err = _cli(["prototypes", *common, "--out", str(one)], capsys)
+    code, err = run_cli(["prototypes", *common, "--out", str(one)], capsys)
     assert code == 0, err
     two = tmp_path / "two.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -166,9 +161,9 @@ def test_detector_checkpoint_backbone(synth, tmp_path, capsys):
     model = weights.build_detector(cfg, ann.categories)
     weights.save_detector(model, tmp_path / "run", ann.categories, cfg)
     out = tmp_path / "p.safetensors"
-    code, err = _cli(["prototypes", "--annotations", str(synth / "val.json"), "--images", str(synth / "images"),
-                      "--checkpoint", str(tmp_path / "run"), "--image-size", str(IMAGE_SIZE), "--out", str(out)],
-                     capsys)
+    code, err = run_cli(["prototypes", "--annotations", str(synth / "val.json"), "--images", str(synth / "images"),
+                         "--checkpoint", str(tmp_path / "run"), "--image-size", str(IMAGE_SIZE), "--out", str(out)],
+                        capsys)
     assert code == 0, err
     loaded = load_prototypes(out, ann)
     assert loaded["prototypes"].shape == (ann.num_classes, 512)
@@ -197,7 +192,7 @@ def test_bad_input_exits_2_with_one_line(synth, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(timm_models, "online", lambda *a, **k: False)
     cases.append((["--backbone", "resnet18", "--out", str(out)], "no network"))
     for extra, message in cases:
-        code, err = _cli(base + extra, capsys)
+        code, err = run_cli(base + extra, capsys)
         assert code == 2 and message in err and len(err.splitlines()) == 1, (extra, err)
     assert not out.exists()
 
@@ -207,11 +202,11 @@ def test_bad_input_exits_2_with_one_line(synth, tmp_path, capsys, monkeypatch):
     data = json.loads((synth / "val.json").read_text())
     victim = data["images"][-1]["file_name"]
     (images / victim).unlink()
-    code, err = _cli(["prototypes", "--annotations", str(synth / "val.json"), "--images", str(images), "--backbone",
-                      "resnet18", "--random-init", "--image-size", "32", "--out", str(out)], capsys)
+    code, err = run_cli(["prototypes", "--annotations", str(synth / "val.json"), "--images", str(images), "--backbone",
+                         "resnet18", "--random-init", "--image-size", "32", "--out", str(out)], capsys)
     assert code == 2 and victim in err and "not found" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
 
     out.write_bytes(b"x")
-    code, err = _cli(base + ["--backbone", "resnet18", "--random-init", "--out", str(out)], capsys)
+    code, err = run_cli(base + ["--backbone", "resnet18", "--random-init", "--out", str(out)], capsys)
     assert code == 2 and "--force" in err

@@ -21,6 +21,7 @@ from slsd_cli.cli import main
 from slsd_cli.data.lvis import load_annotations
 from slsd_cli.data.synthetic import generate
 from slsd_cli.retrieval import cache as rcache
+from tests.helpers.cli import run_cli
 
 IMAGE_SIZE = 64
 
@@ -30,12 +31,6 @@ def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     generate(out, classes=40, image_size=IMAGE_SIZE, seed=0)  # 500 train / 100 val / 300 pool images
     return out
-
-
-def _cli(args, capsys):
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.err.strip()
 
 
 def _base(synth: Path, out: Path, *extra: str) -> list[str]:
@@ -101,7 +96,7 @@ def test_rare_queries_retrieve_rare_classes(synth, rare_run):
 
 
 def test_outputs_need_force(synth, rare_run, capsys):
-    code, err = _cli(_base(synth, rare_run, "--pool", str(synth / "pool.json"), "--k", "8"), capsys)
+    code, err = run_cli(_base(synth, rare_run, "--pool", str(synth / "pool.json"), "--k", "8"), capsys)
     assert code == 2 and "--force" in err and len(err.splitlines()) == 1
 
 
@@ -132,8 +127,8 @@ def test_duplicates_collapsed_and_labeled_excluded(synth, tmp_path, capsys):
     (pool_dir / "notes.txt").write_text("not an image")  # ignored: not an image suffix
 
     out = tmp_path / "out" / "unlabeled.json"
-    code, err = _cli(_base(synth, out, "--pool", str(pool_dir), "--k", "64",
-                           "--dedup-threshold", "0.995"), capsys)
+    code, err = run_cli(_base(synth, out, "--pool", str(pool_dir), "--k", "64",
+                              "--dedup-threshold", "0.995"), capsys)
     assert code == 0, err
     summary = json.loads(out.with_name("retrieval_summary.json").read_text())
     assert summary["pool_images"] == 24 + 4 + 3
@@ -170,7 +165,7 @@ def test_interrupted_embedding_resumes_to_the_same_output(synth, rare_run, tmp_p
 
     resumed = tmp_path / "resumed" / "unlabeled.json"
     monkeypatch.setattr(rcache, "write_chunk", interrupt_after_three)
-    code, err = _cli(_base(synth, resumed, *args), capsys)
+    code, err = run_cli(_base(synth, resumed, *args), capsys)
     assert code == 130
     cache = resumed.parent / "retrieval_cache"
     pool_cache = next(cache.glob("pool-*"))
@@ -184,7 +179,7 @@ def test_interrupted_embedding_resumes_to_the_same_output(synth, rare_run, tmp_p
         real_write(path, *a, **kw)
 
     monkeypatch.setattr(rcache, "write_chunk", counting)
-    code, err = _cli(_base(synth, resumed, *args), capsys)
+    code, err = run_cli(_base(synth, resumed, *args), capsys)
     assert code == 0, err
     pool_written = [c for c in counted if c.startswith("pool/")]
     assert len(pool_written) == 7 and not set(written) & {c.split("/")[1] for c in pool_written}
@@ -193,12 +188,12 @@ def test_interrupted_embedding_resumes_to_the_same_output(synth, rare_run, tmp_p
 
     # a complete cache: nothing is embedded again
     counted.clear()
-    code, err = _cli(_base(synth, resumed, *args, "--force"), capsys)
+    code, err = run_cli(_base(synth, resumed, *args, "--force"), capsys)
     assert code == 0, err
     assert counted == []
 
     # another embedder configuration never reuses the cache
-    code, err = _cli(_base(synth, resumed, *args, "--force", "--image-size", "48"), capsys)
+    code, err = run_cli(_base(synth, resumed, *args, "--force", "--image-size", "48"), capsys)
     assert code == 0, err
     assert len([c for c in counted if c.startswith("pool/")]) == 10
     assert len(list(cache.glob("pool-*"))) == 2
@@ -209,7 +204,7 @@ def test_changed_pool_file_invalidates_its_chunk(synth, tmp_path, capsys, monkey
     shutil.copytree(synth / "images", images)
     args = ["--images", str(images), "--pool", str(synth / "pool.json"), "--k", "4", "--chunk-size", "100"]
     out = tmp_path / "out" / "unlabeled.json"
-    code, err = _cli(_base(synth, out, *args), capsys)
+    code, err = run_cli(_base(synth, out, *args), capsys)
     assert code == 0, err
     counted: list[str] = []
     real_write = rcache.write_chunk
@@ -217,7 +212,7 @@ def test_changed_pool_file_invalidates_its_chunk(synth, tmp_path, capsys, monkey
                                                                         real_write(path, *a, **kw)))
     # pool_000150 sits in chunk 1 (images 100-199); replace it by another picture of the same size
     shutil.copy(images / "pool_000003.png", images / "pool_000150.png")
-    code, err = _cli(_base(synth, out, *args, "--force"), capsys)
+    code, err = run_cli(_base(synth, out, *args, "--force"), capsys)
     assert code == 0, err
     assert counted == ["chunk_000001.safetensors"]
     summary = json.loads(out.with_name("retrieval_summary.json").read_text())
@@ -236,18 +231,47 @@ def _corrupt_pool(synth: Path, tmp_path: Path) -> Path:
 def test_unreadable_pool_image_exits_2_or_is_skipped(synth, tmp_path, capsys):
     pool_dir = _corrupt_pool(synth, tmp_path)
     out = tmp_path / "out" / "unlabeled.json"
-    code, err = _cli(_base(synth, out, "--pool", str(pool_dir), "--k", "4"), capsys)
+    code, err = run_cli(_base(synth, out, "--pool", str(pool_dir), "--k", "4"), capsys)
     assert code == 2 and len(err.splitlines()) == 1
     assert "pool_000005.png" in err and "--skip-bad-images" in err
-    code, err = _cli(_base(synth, out, "--pool", str(pool_dir), "--k", "4", "--skip-bad-images"), capsys)
+    code, err = run_cli(_base(synth, out, "--pool", str(pool_dir), "--k", "4", "--skip-bad-images"), capsys)
     assert code == 0, err
     summary = json.loads(out.with_name("retrieval_summary.json").read_text())
     assert summary["bad_images_skipped"] == 1 and summary["indexed"] == 11
     assert summary["bad_images"][0]["file_name"] == "pool_000005.png"
     assert "pool_000005.png" not in {img["file_name"] for img in json.loads(out.read_text())["images"]}
     # the cache now holds the bad image's record: without --skip-bad-images it is still an error
-    code, err = _cli(_base(synth, out, "--pool", str(pool_dir), "--k", "4", "--force"), capsys)
+    code, err = run_cli(_base(synth, out, "--pool", str(pool_dir), "--k", "4", "--force"), capsys)
     assert code == 2 and "pool_000005.png" in err
+
+
+def test_refused_run_keeps_only_finished_chunks(synth, tmp_path, capsys, monkeypatch):
+    """An image that does not decode is found while embedding: the refused run takes back what would
+    not help the rerun (cache.json, abort markers, a cache folder without a finished chunk) and keeps
+    whole chunks, which the corrected rerun (--skip-bad-images) does not embed again."""
+    pool_dir = _corrupt_pool(synth, tmp_path)  # 12 images, pool_000005.png broken: in chunk 1 of 3
+    out = tmp_path / "out" / "unlabeled.json"
+    args = _base(synth, out, "--pool", str(pool_dir), "--k", "4", "--chunk-size", "4", "--batch-size", "4")
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "pool_000005.png" in err
+    cache = out.parent / "retrieval_cache"
+    assert [p.name for p in cache.iterdir()] == [next(cache.glob("pool-*")).name]  # no queries folder
+    assert sorted(p.name for p in next(cache.glob("pool-*")).iterdir()) == ["cache.json", "chunk_000000.safetensors"]
+    counted: list[str] = []
+    real_write = rcache.write_chunk
+    monkeypatch.setattr(rcache, "write_chunk", lambda path, *a, **kw: (
+        counted.append(Path(path).parent.name.split("-")[0] + "/" + Path(path).name), real_write(path, *a, **kw)))
+    code, err = run_cli(args + ["--skip-bad-images"], capsys)
+    assert code == 0, err
+    assert [c for c in counted if c.startswith("pool/")] == ["pool/chunk_000001.safetensors",
+                                                             "pool/chunk_000002.safetensors"]
+    # refused before the first chunk: the output folder is left as it was
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (pool_dir / "pool_000000.png").write_bytes(b"not a png")
+    code, err = run_cli(_base(synth, fresh / "unlabeled.json", "--pool", str(pool_dir), "--k", "4"), capsys)
+    assert code == 2 and "pool_000000.png" in err
+    assert list(fresh.iterdir()) == []
 
 
 def test_bad_input_exits_2_with_one_line(synth, tmp_path, capsys):
@@ -274,11 +298,11 @@ def test_bad_input_exits_2_with_one_line(synth, tmp_path, capsys):
         (["--pool", pool, "--embedder", "not_a_model_xyz"], "unknown embedder"),
     ]
     for extra, needle in cases:
-        code, err = _cli(_base(synth, out, *extra), capsys)
+        code, err = run_cli(_base(synth, out, *extra), capsys)
         assert code == 2 and needle in err and len(err.splitlines()) == 1, (extra, err)
     args = _base(synth, out, "--pool", pool)
     args[args.index("--annotations") + 1] = str(no_rare)
-    code, err = _cli(args, capsys)
+    code, err = run_cli(args, capsys)
     assert code == 2 and "empty query set" in err and "no_rare.json" in err and len(err.splitlines()) == 1
     assert not out.exists()
 
@@ -316,8 +340,8 @@ def test_text_list_pool_gives_the_same_selection(synth, rare_run, tmp_path, caps
     listing = tmp_path / "pool.txt"
     listing.write_text("\n".join(names) + "\n")
     out = tmp_path / "out" / "unlabeled.json"
-    code, err = _cli(_base(synth, out, "--pool", str(listing), "--pool-images", str(synth / "images"), "--k", "8",
-                           "--workers", "1"), capsys)
+    code, err = run_cli(_base(synth, out, "--pool", str(listing), "--pool-images", str(synth / "images"), "--k", "8",
+                              "--workers", "1"), capsys)
     assert code == 0, err
     got = json.loads(out.read_text())["images"]
     want = json.loads(rare_run.read_text())["images"]
@@ -329,8 +353,8 @@ def test_text_list_pool_gives_the_same_selection(synth, rare_run, tmp_path, caps
 
 def test_ivfpq_index_agrees_with_exact_search(synth, rare_run, tmp_path, capsys):
     out = tmp_path / "ivf" / "unlabeled.json"
-    code, err = _cli(_base(synth, out, "--pool", str(synth / "pool.json"), "--k", "8", "--index", "ivfpq",
-                           "--target-recall", "0.9"), capsys)
+    code, err = run_cli(_base(synth, out, "--pool", str(synth / "pool.json"), "--k", "8", "--index", "ivfpq",
+                              "--target-recall", "0.9"), capsys)
     assert code == 0, err
     summary = json.loads(out.with_name("retrieval_summary.json").read_text())
     index = summary["index"]

@@ -22,6 +22,7 @@ from slsd_cli.cli import main
 from slsd_cli.engine import checkpoint as ckpt
 from slsd_cli.engine.teacher import TeacherPhase
 from slsd_cli.io import load_safetensors
+from tests.helpers.cli import read_metrics
 from tests.helpers.paths import REPO
 from tests.helpers.synth import first_annotated, linked_copy
 
@@ -54,10 +55,6 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_safetensors(run / "model.safetensors")[0]
 
 
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -77,7 +74,7 @@ def test_run_dir_layout_and_metrics(straight: Path):
     meta = json.loads((straight / "model.json").read_text())
     assert meta["num_classes"] == 4 and meta["extra"]["phase"] == "teacher"
     assert meta["extra"]["recipe"]["train"]["iterations"] == 10
-    lines = _metrics(straight)
+    lines = read_metrics(straight)
     assert [x["iter"] for x in lines] == list(range(1, 11))
     for x in lines:
         assert set(x["losses"]) >= {"rpn_cls", "rpn_box", "cls_stage0", "box_stage2", "mask"}
@@ -105,8 +102,8 @@ def test_resume_is_bit_exact(synth, straight, tmp_path, monkeypatch):
     assert main(_args(synth, run, "train.checkpoint_every=5", "--resume")) == 0
     a, b = _weights(straight), _weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [x["iter"] for x in _metrics(run)] == list(range(1, 11))
-    assert [x["loss"] for x in _metrics(run)] == [x["loss"] for x in _metrics(straight)]
+    assert [x["iter"] for x in read_metrics(run)] == list(range(1, 11))
+    assert [x["loss"] for x in read_metrics(run)] == [x["loss"] for x in read_metrics(straight)]
 
 
 def _sha256(path: Path) -> str:
@@ -257,7 +254,7 @@ def test_nonfinite_loss_skips_the_step(synth, tmp_path, monkeypatch):
     run = tmp_path / "run"
     _inject_nan(monkeypatch, lambda call: True)
     assert main(_args(synth, run, "train.micro_batch=2", iterations=1)) == 0
-    line = _metrics(run)[0]
+    line = read_metrics(run)[0]
     assert line["event"] == "nonfinite" and line["skipped"] is True and line["nonfinite"] == {"mask": "nan"}
     # no optimizer update: the parameters are the initial ones
     recipe = recipes.load("synthetic_tiny", TINY)
@@ -279,7 +276,7 @@ def test_repeated_nonfinite_losses_abort_with_a_resumable_checkpoint(synth, tmp_
     assert state["iteration"] == 3 and state["trainer"]["skipped"] == 2
     monkeypatch.undo()
     assert main(args + ["--resume"]) == 0
-    lines = _metrics(run)
+    lines = read_metrics(run)
     assert [x["iter"] for x in lines if "event" not in x] == [1, 2, 3, 4, 5]
     assert [x["iter"] for x in lines if x.get("event") == "nonfinite"] == [2, 3]
 
@@ -386,7 +383,7 @@ def test_ddp_two_processes_equal_one_process_with_two_images(synth, tmp_path):
                             env={**_env(), "SLSD_TEST_DIED": str(died)}, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert died.exists(), "rank 1 should have died once"
-    one, two = _metrics(single), _metrics(ddp)
+    one, two = read_metrics(single), read_metrics(ddp)
     assert [x["iter"] for x in two] == [1, 2, 3, 4, 5]
     for a, b in zip(one, two):
         assert a["losses"].keys() == b["losses"].keys()
@@ -398,3 +395,30 @@ def test_ddp_two_processes_equal_one_process_with_two_images(synth, tmp_path):
     for name in wa:
         if wa[name].is_floating_point() and "running" not in name:
             assert torch.allclose(wa[name], wb[name], atol=1e-4), name
+
+
+TWICE = textwrap.dedent("""
+    import sys
+    import torch
+    from slsd_cli.cli import main
+
+    torch.set_num_threads(1)
+    out, args = sys.argv[1], sys.argv[2:]
+    for name in ("first", "second"):
+        assert main([*args, "--out-dir", f"{out}/{name}"]) == 0
+""")
+
+
+def test_two_trainings_in_one_fresh_process_are_byte_identical(synth, tmp_path):
+    """The first training of a process equals every later one: nothing read once per process (the
+    packaged backbone weights, other caches) consumes the seeded RNG stream only on first use. A
+    fresh interpreter, so no earlier test has warmed those caches."""
+    args = _args(synth, tmp_path / "unused", iterations=2)
+    args = args[:args.index("--out-dir")] + args[args.index("--out-dir") + 2:]
+    script = tmp_path / "twice.py"
+    script.write_text(TWICE)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), *args], env=_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    first, second = ((tmp_path / name / "model.safetensors").read_bytes() for name in ("first", "second"))
+    assert first == second

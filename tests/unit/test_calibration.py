@@ -11,12 +11,12 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from slsd_cli.cli import main
 from slsd_cli.data.lvis import load_annotations
 from slsd_cli.errors import InputError
 from slsd_cli.labels import calibration
 from slsd_cli.labels.calibration import compute_calibration, load_delta
 from slsd_cli.results import _box_columns, from_records, read_results
+from tests.helpers.cli import run_cli
 
 W, H = 64, 48
 
@@ -375,12 +375,6 @@ def test_load_delta(tmp_path):
 # ------------------------------------------------------------------ the command
 
 
-def _run(args, capsys):
-    code = main(args)
-    captured = capsys.readouterr()
-    return code, captured.err.strip()
-
-
 def test_cli_writes_calibration_and_refuses_bad_input(tmp_path, capsys):
     data, dets = make_dataset(4, "lvis")
     ann_path = tmp_path / "ann.json"
@@ -388,8 +382,8 @@ def test_cli_writes_calibration_and_refuses_bad_input(tmp_path, capsys):
     det_path = tmp_path / "dets.json"
     det_path.write_text(json.dumps(dets))
     out = tmp_path / "cal.json"
-    code, _ = _run(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out),
-                    "--bins", "5"], capsys)
+    code, _ = run_cli(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out),
+                       "--bins", "5"], capsys)
     assert code == 0
     written = json.loads(out.read_text())
     expected = compute_calibration(dets, load_annotations(ann_path), bins=5)
@@ -397,8 +391,8 @@ def test_cli_writes_calibration_and_refuses_bad_input(tmp_path, capsys):
     assert load_delta(out, [c["id"] for c in data["categories"]]).tolist() == pytest.approx(
         [expected["per_class"][str(c["id"])]["delta"] for c in data["categories"]])
 
-    code, err = _run(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out)],
-                     capsys)
+    code, err = run_cli(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out)],
+                        capsys)
     assert code == 2 and "output exists" in err and len(err.splitlines()) == 1
 
     for field, value, message in (("category_id", 12345, "unknown category id 12345"),
@@ -408,21 +402,21 @@ def test_cli_writes_calibration_and_refuses_bad_input(tmp_path, capsys):
         bad = [dict(d) for d in dets]
         bad[1][field] = value
         det_path.write_text(json.dumps(bad))
-        code, err = _run(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path),
-                          "--out", str(out), "--force"], capsys)
+        code, err = run_cli(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path),
+                             "--out", str(out), "--force"], capsys)
         assert code == 2 and message in err and "[1]" in err and len(err.splitlines()) == 1, err
 
     det_path.write_text("[]")
-    code, err = _run(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out),
-                      "--force"], capsys)
+    code, err = run_cli(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out),
+                         "--force"], capsys)
     assert code == 0 and "no detections" in err and "mean Delta r n/a / c n/a / f n/a" in err
     assert json.loads(out.read_text())["ece"] == 0
 
-    code, err = _run(["calibrate", "--annotations", str(ann_path), "--out", str(out), "--force"], capsys)
+    code, err = run_cli(["calibrate", "--annotations", str(ann_path), "--out", str(out), "--force"], capsys)
     assert code == 2 and "exactly one of" in err and len(err.splitlines()) == 1
     det_path.write_text("{not json")
-    code, err = _run(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out),
-                      "--force"], capsys)
+    code, err = run_cli(["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out),
+                         "--force"], capsys)
     assert code == 2 and "malformed json" in err and len(err.splitlines()) == 1
 
 
@@ -439,14 +433,14 @@ def test_cli_runs_a_detector_checkpoint(tmp_path, capsys):
     cfg = tiny_cnn_config(image_size=64, test_score_threshold=0.0, max_detections=20)
     weights.save_detector(weights.build_detector(cfg, ann.categories), tmp_path / "run", ann.categories, cfg)
     out = tmp_path / "cal.json"
-    code, err = _run(["calibrate", "--annotations", str(synth / "val.json"), "--checkpoint", str(tmp_path / "run"),
-                      "--images", str(synth / "images"), "--out", str(out), "--bins", "4"], capsys)
+    code, err = run_cli(["calibrate", "--annotations", str(synth / "val.json"), "--checkpoint", str(tmp_path / "run"),
+                         "--images", str(synth / "images"), "--out", str(out), "--bins", "4"], capsys)
     assert code == 0, err
     written = json.loads(out.read_text())
     results = inference.predict_results(tmp_path / "run", ann, synth / "images", batch_size=2)
     assert "inference 6/6 (100%)" in capsys.readouterr().err  # stderr is not a terminal: a progress line
     assert written["detections"] == len(results) > 0
     assert written["per_class"] == compute_calibration(results, ann, bins=4)["per_class"]
-    code, err = _run(["calibrate", "--annotations", str(synth / "val.json"), "--checkpoint", str(tmp_path / "run"),
-                      "--out", str(out), "--force"], capsys)
+    code, err = run_cli(["calibrate", "--annotations", str(synth / "val.json"), "--checkpoint", str(tmp_path / "run"),
+                         "--out", str(out), "--force"], capsys)
     assert code == 2 and "--images" in err and len(err.splitlines()) == 1

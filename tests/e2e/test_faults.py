@@ -34,9 +34,9 @@ from slsd_cli.cli import main
 from slsd_cli.data.synthetic import generate
 from slsd_cli.io import FileSet, atomic_write_json, check_output, save_safetensors_atomic
 
+from tests.helpers.paths import REPO
 from tests.helpers.tiny_data import results_from_ground_truth
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.image_size=64", "model.image_size=64", "train.batch_per_process=1", "train.micro_batch=1",
         "data.num_workers=0"]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

@@ -347,9 +347,7 @@ CASES: list[Case] = [
     Case("retrieve-unreadable-pool-image", "retrieve", 7, lambda w, o: (
         _retrieve(w, o, pool_images=w.images_copy("r_bad_png", lambda d: (d / json.loads(
             (w.synth / "pool.json").read_text())["images"][0]["file_name"]).write_bytes(b"not a png"))),
-        "r_bad_png"), words="--skip-bad-images",
-         xfail="retrieval owner (issue 16): the refused run leaves retrieval_cache/ (cache.json, ABORT.rank0) "
-               "in the output folder"),
+        "r_bad_png"), words="--skip-bad-images"),
     # ------------------------------------------------------------------ prototypes
     Case("prototypes-weights-pickle", "prototypes", 7, lambda w, o: (
         _prototypes(w, o, "--backbone", "resnet18", "--weights", str(w.evil)), str(w.evil)),
@@ -473,6 +471,8 @@ CASES: list[Case] = [
                                                                      "distill.threshhold")),
     Case("distill-resume-pickle-checkpoint", "distill", 7, lambda w, o: (
         _distill(w, o, "--resume"), str(_resume_run(w, o, evil=True)[1])), words="other than tensors"),
+    Case("distill-pixel-mean-differs-from-teacher", "distill", 4, lambda w, o: (
+        _distill(w, o, "model.pixel_mean=[0,0,0]"), str(w.run / "model.json")), words="model.pixel_mean"),
     # ------------------------------------------------------------------ eval
     Case("eval-annotations-area-nan", "eval", 1, lambda w, o: (
         ["eval", "--annotations", str(w.bad_json(w.val, _ann(1, area=float("nan")), "e_area_nan")), "--detections",
@@ -497,6 +497,9 @@ CASES: list[Case] = [
          words="--force", pre={"metrics.json": "kept\n"}),
     Case("eval-checkpoint-model-json-corrupt", "eval", 3, lambda w, o: (
         _checkpoint_eval(w, o, w.run_copy("e_json", lambda r: (r / "model.json").write_text("[}"))), "model.json")),
+    Case("eval-checkpoint-pixel-std-edited", "eval", 3, lambda w, o: (
+        _checkpoint_eval(w, o, w.run_copy("e_std", _model_json(lambda m: m["model"].update(pixel_std=[1, 1, 1])))),
+        "model.json"), words="model.pixel_std"),
     Case("eval-checkpoint-model-section-not-object", "eval", 3, lambda w, o: (
         _checkpoint_eval(w, o, w.run_copy("e_model5", _model_json(lambda m: m.update(model=5)))), "model.json"),
          words="'model' must be an object"),

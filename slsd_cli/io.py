@@ -192,13 +192,35 @@ def read_json(path: str | Path) -> Any:
         raise InputError("file not found", path=path)
     try:
         with open(path, "rb") as handle:
-            return json.load(handle)
+            body = handle.read()
+        return _loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"malformed json ({exc})", path=path) from exc
     except RecursionError as exc:
         raise InputError("malformed json (nested too deeply)", path=path) from exc
     except OSError as exc:
         raise InputError(f"unreadable file ({exc.strerror or exc})", path=path) from exc
+
+
+_DIGITS_TO_ZERO = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
+_LONG_DIGIT_RUN = b"0" * 19  # an integer this long may exceed 64 bits, which orjson reads as a float
+
+
+def _loads(body: bytes) -> Any:
+    """`json.loads(body)`, through orjson (~3x faster, the same values) when it takes the text.
+    json decides every text orjson refuses (NaN/Infinity literals, 1e400, lone surrogates, errors:
+    its messages name the position) and any text with a 19+ digit run (orjson would turn an
+    integer beyond 64 bits into a float)."""
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover - a dependency
+        return json.loads(body)
+    if _LONG_DIGIT_RUN not in body.translate(_DIGITS_TO_ZERO):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:

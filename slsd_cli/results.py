@@ -139,7 +139,9 @@ def read_results(path: str | Path, annotations: "Annotations", *, masks: bool = 
         columns = _box_columns(body)
         if columns is not None:
             del body
-            return _from_columns(columns, annotations, path)
+            # ids integral and below 2**53 (checked by _box_columns): exact as int64
+            ids = columns[:, :2].T.astype(np.int64, order="C")
+            return _from_columns(columns, annotations, path, exact_ids=ids)
     try:  # orjson when it takes the text: ~3x faster than json, the same values
         import orjson
 
@@ -267,12 +269,14 @@ def _from_columns(columns: np.ndarray, annotations: "Annotations", path: str | P
 
 def _integral_ids(columns: np.ndarray, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     ids = columns[:, :2]
-    bad = ~np.isfinite(ids).all(axis=1) | (ids != np.round(ids)).any(axis=1) | (np.abs(ids) >= 2.0 ** 63).any(axis=1)
+    with np.errstate(invalid="ignore"):  # NaN, inf and |x| >= 2**63 cast to int64 min: refused below
+        exact = ids.astype(np.int64)
+    bad = ((exact != ids) | (exact == _INT64_MIN)).any(axis=1)  # also catches fractions
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise InputError(f"image_id and category_id must be integers within int64, got {_number(ids[i, 0])}, "
                          f"{_number(ids[i, 1])}", path=path, record=_where(i))
-    return ids[:, 0].astype(np.int64), ids[:, 1].astype(np.int64)
+    return np.ascontiguousarray(exact[:, 0]), np.ascontiguousarray(exact[:, 1])
 
 
 def _number(value: float) -> int | float:
@@ -428,7 +432,7 @@ _WHITESPACE = b" \t\n\r"
 _NOT_NUMBERS_OR_COMMAS = bytes(b for b in range(256) if b not in _NUMBER_BYTES + b"," + _WHITESPACE)
 _TO_SPACES = bytes(b if b in _NUMBER_BYTES else 32 for b in range(256))
 _EXACT_INT = 2.0 ** 53  # ids below this survive float64 exactly; larger ones take the json path
-_PIECE = 1 << 24        # bytes of number text converted at once (bounds the Python floats alive)
+_PIECE = 1 << 17        # bytes of number text converted at once: its Python floats stay in cache (2x faster than 16 MB)
 
 
 def _box_columns(body: bytes) -> np.ndarray | None:
@@ -478,50 +482,46 @@ def _box_columns(body: bytes) -> np.ndarray | None:
     if values is None:
         return None
     values = values.reshape(n, 7)
-    ids = np.concatenate([values[:, column[b"image_id"]], values[:, column[b"category_id"]]], axis=1)
-    if (np.abs(ids) >= _EXACT_INT).any():
+    order = np.r_[column[b"image_id"], column[b"category_id"], column[b"bbox"], column[b"score"]]
+    if (order != np.arange(7)).any():  # the usual key order needs no copy (336 MB at LVIS size)
+        values = values[:, order]
+    if (np.abs(values[:, :2]) >= _EXACT_INT).any():
         return None
-    return np.concatenate([ids, values[:, column[b"bbox"]], values[:, column[b"score"]]], axis=1)
+    return values
 
 
 def _parse_numbers(body: bytes, count: int, int_columns: tuple[int, ...] = ()) -> np.ndarray | None:
     """The `count` numbers of a structure-checked results file, in file order, or None when a token
-    is not one json number, or (orjson) a number at `int_columns` of a 7-number record is not an
-    integer (the json path then names the record). Everything but numbers, commas and whitespace is
-    dropped, which leaves a comma-separated list of json numbers; orjson parses it (correctly
-    rounded, as `json`) piece by piece, else numpy's decimal parser."""
+    is not one json number, or a number at `int_columns` of a 7-number record is not an integer
+    (orjson: not an integer token; numpy: not integral); the json path then names the record.
+    Everything but numbers, commas and whitespace is dropped, which leaves a comma-separated list
+    of json numbers; orjson parses it (correctly rounded, as `json`) piece by piece, else numpy's
+    decimal parser."""
     try:
         import orjson
     except ImportError:  # numpy's parser: ~3x slower; separators checked by the count
-        return _parse_numbers_numpy(body.translate(None, delete=_NOT_NUMBERS_OR_COMMAS), count)
-    # "," + numbers + ",": each piece is parsed in place as a json list, its bounding commas
-    # turned into brackets for the call (no copy of the text per piece)
-    text = bytearray(b",")
-    text += body.translate(None, delete=_NOT_NUMBERS_OR_COMMAS)
-    text += b","
-    view = memoryview(text)
+        values = _parse_numbers_numpy(body.translate(None, delete=_NOT_NUMBERS_OR_COMMAS), count)
+        if values is None or any((values[c::7] != np.trunc(values[c::7])).any() for c in int_columns):
+            return None  # not integral (or NaN/inf): the json path names the record
+        return values
+    text = body.translate(None, delete=_NOT_NUMBERS_OR_COMMAS)
     out = np.empty(count, dtype=np.float64)
-    at = pos = 0  # pos: the comma before the next piece
-    while pos < len(text) - 1:
+    at = pos = 0  # pos: where the next piece starts
+    while pos < len(text):
         cut = text.find(b",", pos + _PIECE)
-        cut = len(text) - 1 if cut < 0 else cut
-        text[pos], text[cut] = 91, 93  # "[", "]"
-        try:
-            numbers = orjson.loads(view[pos:cut + 1])
-            if any(not _all_types(numbers[(c - at) % 7::7], (int,)) for c in int_columns):
+        cut = len(text) if cut < 0 else cut
+        try:  # one piece (a copy of <= _PIECE bytes) parsed as a json list
+            numbers = orjson.loads(b"[" + text[pos:cut] + b"]")
+            if type(numbers) is not list or at + len(numbers) > count \
+                    or any(not _all_types(numbers[(c - at) % 7::7], (int,)) for c in int_columns):
                 return None
-            piece = np.array(numbers, dtype=np.float64)
-            del numbers
+            # fromiter: no dtype discovery (measured 2x faster than np.array on these lists)
+            out[at:at + len(numbers)] = np.fromiter(numbers, dtype=np.float64, count=len(numbers))
         except (orjson.JSONDecodeError, OverflowError, TypeError, ValueError):  # not one json number per token
             return None
-        finally:
-            text[pos], text[cut] = 44, 44
-        if piece.ndim != 1 or at + piece.size > count:
-            return None
-        out[at:at + piece.size] = piece
-        at += piece.size
-        pos = cut
-    view.release()
+        at += len(numbers)
+        del numbers
+        pos = cut + 1
     return out if at == count else None
 
 

@@ -464,12 +464,14 @@ def _table_figures(demo: Demo, teacher: Path, student: Path) -> list[tuple[str, 
          demo.plot("reliability", [s(teacher / "eval_val" / "calibration.json"),
                                    s(student / "eval_val" / "calibration.json"), "--labels", "teacher,student"],
                    "reliability")),
-        ("Per-class mask AP against training instances, teacher (hollow) and student (filled), paper Fig. 4",
+        ("Per-class mask AP against training instances, teacher (hollow) and student (filled), paper Fig. 4 (group "
+         "lines: plain means of per-class AP over the training split's r/c/f groups, so they differ from the table)",
          demo.plot("ap-vs-frequency", [s(teacher / "eval_val" / "metrics.json"), s(student / "eval_val" / "metrics.json"),
                                        "--labels", "teacher,student", "--annotations", s(train)], "ap_vs_frequency")),
         ("Student predictions on val (paper Fig. 5)",
          demo.plot("predictions", [s(student / "eval_val" / "detections.json"), "--images", s(demo.images),
-                                   "--annotations", s(demo.data / "val.json"), "--max-images", "4", "--score", "0.5"],
+                                   "--annotations", s(demo.data / "val.json"), "--max-images", "4", "--score", "0.5",
+                                   "--labels", "student (soft + correction)"],
                    "predictions")),
     ]
 
@@ -512,7 +514,7 @@ def _diagnostics(demo: Demo, runs: TableRuns, teacher_label: str, student_label:
         rare = mean_std([p["r"] for p in pl])[0]
         total = mean_std([p["all"] for p in pl])[0]
         lines.append(f"- **Rare pseudo-labels**: the corrected student saw {_fmt(rare)} rare-class pseudo-labels per "
-                     f"unlabeled image out of {_fmt(total)} (table below; per grid cell in the student grid).")
+                     f"unlabeled image out of {_fmt(total)} (pseudo-label table above; per cell in the student grid).")
     for grid, cells in grids:
         for line in differing_only_in(cells, "distill.threshold_on"):
             parts = [f"on the {c.setting['distill.threshold_on']} score {_fmt(c.pseudo_labels['r'])} rare of "
@@ -529,11 +531,16 @@ def _setup(demo: Demo, mode: str, chosen: Mapping[str, dict]) -> list[str]:
     size = demo.size
     lines = []
     if (demo.split / "train.json").exists():
-        classes = read_json(demo.split / "train.json")["categories"]
-        groups = {g: sum(c["frequency"] == g for c in classes) for g in "rcf"}
-        lines.append(f"- Data (`slsd synth`): {size.classes} classes — {groups['r']} rare, {groups['c']} common, "
-                     f"{groups['f']} frequent (training split); {size.train_images} training images (85% train, 15% "
-                     f"held out), {size.val_images} val, {size.pool_images} pool images of {size.image_size}².")
+        def groups(path: Path) -> str:
+            classes = read_json(path)["categories"]
+            count = {g: sum(c["frequency"] == g for c in classes) for g in "rcf"}
+            return f"{count['r']} rare, {count['c']} common, {count['f']} frequent"
+        lines.append(f"- Data (`slsd synth`): {size.classes} classes — {groups(demo.split / 'train.json')} in the "
+                     f"training split the models learn from; {size.train_images} training images (85% train, 15% "
+                     f"held out), {size.val_images} val, {size.pool_images} pool images of {size.image_size}²."
+                     + (f" The table's APr/APc/APf use val.json's groups ({groups(demo.data / 'val.json')}; counted on "
+                        f"all {size.train_images} training images), Fig. 4 the training split's."
+                        if mode not in ("tune", "label-efficiency") else ""))
     recipe = S.recipe_defaults(["model.backbone", "model.pretrained"], S.TEACHER_RECIPE)
     lines.append(f"- Detector: `{S.TEACHER_RECIPE}` recipe (backbone `{recipe.get('model.backbone')}`, pretrained: "
                  f"{recipe.get('model.pretrained')}), {size.teacher_iterations} teacher and {size.distill_iterations} "

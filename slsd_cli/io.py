@@ -6,7 +6,7 @@ replaced with `force=True` (the CLI's `--force`).
 
 Failures of the file system (read-only, disk full, a path below a regular file, no permission)
 become one-line `InputError`s naming the output, and the temporary is removed. Temporaries live in
-the output's own folder (`.NAME.XXXXXXXX.tmp`) and the next `check_output` of that output removes
+the output's own folder (`.NAME.<random>.tmp`) and the next `check_output` of that output removes
 any a killed run left behind.
 
 Outputs made of several files (`FileSet`) are written into a staging folder beside them and renamed
@@ -85,7 +85,7 @@ def make_dirs(folder: str | Path) -> Path:
 
 
 def remove_temporaries(path: str | Path) -> int:
-    """Remove the temporary files a killed run left for output `path` (`.NAME.XXXXXXXX.tmp` beside
+    """Remove the temporary files a killed run left for output `path` (`.NAME.<random>.tmp` beside
     it). Returns how many were removed."""
     path = Path(path)
     pattern = re.compile(rf"\.{re.escape(path.name)}\.{_TMP_RANDOM}\.tmp")

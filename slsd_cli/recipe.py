@@ -67,7 +67,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = ranged(0, "[0, 4294967295]")  # < 2**32: the sample streams use 32-bit seeds
     checkpoint_every: int = ranged(1000, AT_LEAST_ONE)  # iterations between checkpoints (and at the end)
-    keep_last: int = ranged(0, NON_NEGATIVE)       # also keep the last N checkpoints as ckpt/iter_XXXXXXX.pt
+    keep_last: int = ranged(0, NON_NEGATIVE)       # also keep the last N checkpoints as ckpt/iter_<iteration, 7 digits>.pt
     log_every: int = ranged(20, AT_LEAST_ONE)     # iterations between metrics.jsonl lines
     max_nonfinite: int = ranged(5, AT_LEAST_ONE)  # consecutive non-finite losses before aborting
     tensorboard: bool = False                 # also log to RUN/tensorboard (pip install 'slsd[tensorboard]')

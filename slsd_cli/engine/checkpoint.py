@@ -14,7 +14,7 @@
 It is written to a temporary file in the same folder, flushed to disk and renamed onto `last.pt`,
 so a process killed mid-write leaves the previous checkpoint intact (and a stray `.last.pt.*.tmp`,
 which `remove_stale_temps` deletes on the next start). With `train.keep_last N` each checkpoint is
-also kept as `RUN/ckpt/iter_XXXXXXX.pt` (`keep_copy`: a hard link, no second write), the last N of them.
+also kept as `RUN/ckpt/iter_<iteration, 7 digits>.pt` (`keep_copy`: a hard link, no second write), the last N of them.
 """
 
 from __future__ import annotations

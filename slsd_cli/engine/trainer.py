@@ -335,7 +335,7 @@ def _wrap_ddp(phase: Phase, dist: DistInfo) -> nn.Module:
 def _save_checkpoint(phase: Phase, ready: Setup, evaluator: PeriodicEval | None, run_dir: Path, dist: DistInfo,
                      keep_last: int, elapsed: float, recipe: dict | None) -> None:
     """RUN/ckpt/last.pt (rank 0; every rank contributes its RNG state), and with `keep_last` N a
-    kept copy ckpt/iter_XXXXXXX.pt of which the newest N stay."""
+    kept copy ckpt/iter_<iteration, 7 digits>.pt of which the newest N stay."""
     rngs = _gather_objects(ckpt.rng_state(), dist.world_size)
     if not dist.is_main:
         return

@@ -52,9 +52,8 @@ NET = "backbone.net."
 DROPPED_SUFFIXES = ("rope_win.freqs_cos", "rope_win.freqs_sin", "rope_glb.freqs_cos", "rope_glb.freqs_sin",
                     "fed_loss_cls_weights")
 PIXEL_KEYS = ("pixel_mean", "pixel_std")
-STRIP_HINT = ("save its state dict alone first, only if you trust the file: python -c \"import torch; "
-              "c = torch.load('model_final.pth', weights_only=False); torch.save(c['model'], 'model_plain.pth')\" "
-              "(docs/lvis_reproduction.md)")
+STRIP_HINT = ("if you trust the file, save its state dict alone first (a one-line python command in "
+              "docs/lvis_reproduction.md, 'Evaluate the released EVA-02-L LVIS model')")
 
 
 # ---------------------------------------------------------------------- reading

@@ -201,11 +201,13 @@ def box_iou(dt: tuple[np.ndarray, ...], d: np.ndarray, gt: tuple[np.ndarray, ...
 def _pair_rows(dt_start, dt_size, gt_start, gt_size) -> tuple[np.ndarray, np.ndarray]:
     """Detection and ground-truth rows of every IoU of the given pairs, pair after pair,
     detection-major within a pair (entry r * gt_size + g)."""
-    n = dt_size * gt_size
-    pair = np.repeat(np.arange(n.size), n)
-    local = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
-    r = local // gt_size[pair]
-    return dt_start[pair] + r, gt_start[pair] + (local - r * gt_size[pair])
+    # one detection row at a time, then its pair's ground truth rows: repeats and aranges only
+    # (an integer division per IoU was 10x slower)
+    det_pair = np.repeat(np.arange(dt_size.size), dt_size)
+    det_rows = np.arange(det_pair.size) + np.repeat(dt_start - (np.cumsum(dt_size) - dt_size), dt_size)
+    ng = gt_size[det_pair]
+    first = np.cumsum(ng) - ng  # entry of each detection row's first IoU
+    return np.repeat(det_rows, ng), np.arange(int(ng.sum())) + np.repeat(gt_start[det_pair] - first, ng)
 
 
 def _mask_ious(det_rles, gt, dt_start, dt_size, gt_start, gt_size) -> np.ndarray:

@@ -26,6 +26,9 @@ def demo(
     teacher_iterations: int = typer.Option(None, "--teacher-iterations", min=1, help="Override the teacher's iterations."),
     distill_iterations: int = typer.Option(None, "--distill-iterations", min=1, help="Override the student's iterations."),
     train_images: int = typer.Option(None, "--train-images", min=1, help="Override the synthetic training images."),
+    jobs: int = typer.Option(None, "--jobs", "-j", min=1, help="Steps run at once, in child processes sharing the CPU "
+                             "cores [default: 1; with --full, --tune or --label-efficiency: 2 on a machine with >= 2 "
+                             "cores and no GPU]. Results are bit-exact for the same --jobs."),
 ) -> None:
     """Run split -> prototypes -> retrieve -> teacher -> calibrate -> distill -> eval -> plots on the embedded
     benchmark, and write OUT_DIR/report.md, which opens with the answer: does calibration-corrected
@@ -40,11 +43,12 @@ def demo(
     import dataclasses
 
     from slsd_cli.commands.demo_pipeline import run_demo
-    from slsd_cli.demo.settings import FULL, QUICK, parse_fractions, parse_seeds
+    from slsd_cli.demo.settings import FULL, QUICK, default_jobs, parse_fractions, parse_seeds
 
     size = FULL if full or tune or label_efficiency else QUICK  # one data size per protocol folder
     overrides = {"teacher_iterations": teacher_iterations, "distill_iterations": distill_iterations,
                  "train_images": train_images, "val_images": val_images, "bootstrap": bootstrap}
     size = dataclasses.replace(size, **{k: v for k, v in overrides.items() if v is not None})
     run_demo(out_dir, full=full, tune_only=tune, label_efficiency_mode=label_efficiency, seeds=parse_seeds(seeds),
-             size=size, fractions=tuple(parse_fractions(fractions)))
+             size=size, fractions=tuple(parse_fractions(fractions)),
+             jobs=jobs or default_jobs(full or tune or label_efficiency))

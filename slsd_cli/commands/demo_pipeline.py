@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from slsd_cli.commands.demo_runner import Runner
 from slsd_cli.demo import settings as S
 from slsd_cli.demo import table
 from slsd_cli.demo.diagnostics import (calibration_summary, peak_memory_mb, pseudo_label_counts,
                                        retrieval_quality, similarity_quality)
-from slsd_cli.demo.report import ReportInputs, Step, render
+from slsd_cli.demo.report import ReportInputs, render
 from slsd_cli.demo.tuning import (SIMILARITY_TEACHER_GRID, STUDENT_GRID, UNIFORM_TEACHER_GRID, CellResult, Grid,
                                   along_axes, available, choose, differing_only_in,
                                   stage_settings)
@@ -51,42 +52,6 @@ from slsd_cli.progress import info
 PROTOTYPE_ARGS = ["--backbone", "efficientnet_lite0", "--mask-weighted", "--feature-level", "3"]
 RETRIEVE_ARGS = ["--embedder", "colorhist"]
 DEFAULT_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
-
-
-@dataclass
-class Runner:
-    """Runs `slsd` commands in this process, skipping those whose output exists, and keeps the list.
-    Each step's wall time is kept in OUT_DIR/step_seconds.json, so a resumed demo still reports what
-    every step cost when it ran."""
-
-    out_dir: Path
-    steps: list[Step] = field(default_factory=list)
-
-    @property
-    def _timings_path(self) -> Path:
-        return self.out_dir / "step_seconds.json"
-
-    def run(self, name: str, argv: list[str], done_marker: Path) -> None:
-        from slsd_cli.cli import main
-
-        if any(step.argv == argv for step in self.steps):
-            return  # asked again in this invocation (e.g. a teacher shared by several rows): listed once
-        command = " ".join(argv)
-        timings = read_json(self._timings_path) if self._timings_path.exists() else {}
-        step = Step(name, argv, seconds=float(timings.get(command, float("nan"))))
-        self.steps.append(step)
-        if done_marker.exists():
-            step.skipped = True
-            info(f"[dim]demo: {name}: done before, skipped[/dim]")
-            return
-        info(f"[bold cyan]demo:[/bold cyan] {name}: slsd {command}")
-        start = time.perf_counter()
-        code = main(argv)
-        step.seconds = time.perf_counter() - start
-        if code != 0:
-            raise InputError(f"step '{name}' failed with exit code {code} (command: slsd {command})",
-                             path=self.out_dir)
-        atomic_write_json(self._timings_path, {**timings, command: round(step.seconds, 2)}, indent=1)
 
 
 @dataclass
@@ -159,7 +124,10 @@ class Demo:
                                "--seed", "0", "--out", str(out)], out)
 
     # ------------------------------------------------------------ training and scoring
-    def teacher(self, row: S.TeacherRow, setting: Mapping[str, Any], seed: int, fraction: float = 1.0) -> Path:
+    def teacher(self, row: S.TeacherRow, setting: Mapping[str, Any], seed: int, fraction: float = 1.0,
+                wait: bool = True) -> Path:
+        """The teacher run of `row` at `setting` and `seed`, trained unless done (`wait=False`: queued,
+        with --jobs > 1, while the caller goes on)."""
         knobs = {k: setting[k] for k in row.knobs if k in setting}
         name = S.teacher_run_name(row, knobs, seed)
         if fraction < 1:
@@ -170,7 +138,7 @@ class Demo:
                 "--iterations", str(self.size.teacher_iterations), "--seed", str(seed), "--resume"]
         if row.smoothing == "similarity":
             argv += ["--prototypes", str(self.prototypes(fraction))]
-        self.runner.run(name, argv, run / "model.safetensors")
+        (self.runner.run if wait else self.runner.submit)(name, argv, run / "model.safetensors")
         return run
 
     def calibrate_holdout(self, teacher: Path) -> Path:
@@ -183,25 +151,31 @@ class Demo:
                          str(teacher / "eval_holdout" / "detections.json"), "--out", str(out)], out)
         return out
 
-    def student(self, targets: str, setting: Mapping[str, Any], teacher: Path, seed: int) -> Path:
+    def student(self, targets: str, setting: Mapping[str, Any], teacher: Path, seed: int, wait: bool = True) -> Path:
+        """A student of `teacher` at `setting`; its teacher's held-out calibration comes first (always
+        waited for), then the distillation (`wait=False`: queued while the caller goes on)."""
         name = S.student_run_name(targets, setting, teacher.name)
         run = self.runs / name
         calibration = self.calibrate_holdout(teacher)
-        self.runner.run(name, ["distill", S.DISTILL_RECIPE, *S.overrides(setting), "--teacher", str(teacher),
+        (self.runner.run if wait else self.runner.submit)(name, ["distill", S.DISTILL_RECIPE, *S.overrides(setting), "--teacher", str(teacher),
                                "--unlabeled", str(self.retrieval / "unlabeled.json"), "--unlabeled-images",
                                str(self.images), "--calibration", str(calibration), "--out-dir", str(run),
                                "--targets", targets, "--iterations", str(self.size.distill_iterations),
                                "--seed", str(seed), "--resume"], run / "model.safetensors")
         return run
 
-    def evaluate(self, run: Path, on: str, calibrate: bool = True) -> dict:
+    def evaluate(self, run: Path, on: str, calibrate: bool = True, wait: bool = True) -> dict | None:
         """Score a run on val (with its calibration on val, for ECE, unless `calibrate` is False) or on
-        the held-out split; returns the metrics.json content."""
+        the held-out split; returns the metrics.json content (`wait=False`: only queues the scoring,
+        returns None; the run must be trained)."""
         annotations = self.data / "val.json" if on == "val" else self.split / "holdout.json"
         out = run / f"eval_{on}"
-        self.runner.run(f"eval {run.name} on {on}", ["eval", "--annotations", str(annotations), "--checkpoint",
-                                                     str(run), "--images", str(self.images), "--out-dir", str(out)],
-                        out / "metrics.json")
+        self.runner.wait(run / "model.safetensors")
+        (self.runner.run if wait else self.runner.submit)(
+            f"eval {run.name} on {on}", ["eval", "--annotations", str(annotations), "--checkpoint", str(run),
+                                         "--images", str(self.images), "--out-dir", str(out)], out / "metrics.json")
+        if not wait:
+            return None
         if on == "val" and calibrate:
             self.runner.run(f"calibrate {run.name} on val",
                             ["calibrate", "--annotations", str(annotations), "--detections",
@@ -218,10 +192,6 @@ class Demo:
 # ---------------------------------------------------------------- held-out grid
 
 
-def _student_setting(base: Mapping[str, Any], lam: float) -> dict[str, Any]:
-    return {**base, "distill.lam": lam}
-
-
 def run_grid(demo: Demo, grid: Grid, base: Mapping[str, Any], train_cell) -> tuple[list[CellResult], dict]:
     """Run a grid's stages (each cell: `train_cell(setting) -> run dir`, scored on holdout.json) and
     return its cells and the chosen setting."""
@@ -231,9 +201,10 @@ def run_grid(demo: Demo, grid: Grid, base: Mapping[str, Any], train_cell) -> tup
     chosen = dict(base)
     for index, stage in enumerate(grid.stages):
         stage_results = []
-        for setting in stage_settings(stage, chosen):
-            if any(r.setting == setting for r in results):
-                continue  # already run in an earlier stage
+        settings = [s for s in stage_settings(stage, chosen) if not any(r.setting == s for r in results)]
+        for setting in settings:  # with --jobs > 1 the stage's cells train side by side
+            train_cell(setting, wait=False)
+        for setting in settings:
             run = train_cell(setting)
             metrics = metric_columns(demo.evaluate(run, "holdout"))
             pl = pseudo_label_counts(run / "metrics.jsonl")  # all NaN for a teacher (nothing logged)
@@ -246,20 +217,24 @@ def run_grid(demo: Demo, grid: Grid, base: Mapping[str, Any], train_cell) -> tup
     return results, chosen
 
 
-def tune(demo: Demo, seed: int) -> dict[str, Any]:
-    """The held-out grids at `seed`; writes and returns tuning.json's content."""
+def tune(demo: Demo, seed: int, after_teachers=None) -> dict[str, Any]:
+    """The held-out grids at `seed`; writes and returns tuning.json's content. `after_teachers(chosen)`
+    is called once the teachers' settings are chosen (the full demo queues Table 1's teachers there,
+    so they train beside the student grid)."""
     grids = []
     sim_row = S.TEACHERS["similarity"]
     defaults = _defaults()
     sim_cells, sim_chosen = run_grid(demo, SIMILARITY_TEACHER_GRID, defaults["similarity"],
-                                     lambda setting: demo.teacher(sim_row, setting, seed))
+                                     lambda setting, wait=True: demo.teacher(sim_row, setting, seed, wait=wait))
     grids.append((SIMILARITY_TEACHER_GRID, sim_cells, sim_chosen))
     # the uniform teacher takes the similarity grid's ε (no grid of its own: ~3 teacher runs saved)
     uni_chosen = {k: sim_chosen[k] for k in defaults["uniform"] if k in sim_chosen}
+    if after_teachers is not None:
+        after_teachers({"similarity": sim_chosen, "uniform": uni_chosen})
     teacher = demo.teacher(sim_row, sim_chosen, seed)
     student_grid = available(STUDENT_GRID, defaults["student"])
     st_cells, st_chosen = run_grid(demo, student_grid, defaults["student"],
-                                   lambda setting: demo.student("soft", setting, teacher, seed))
+                                   lambda setting, wait=True: demo.student("soft", setting, teacher, seed, wait=wait))
     grids.append((student_grid, st_cells, st_chosen))
     result = {"seed": seed, "metric": "holdout segm AP",
               "chosen": {"similarity": sim_chosen, "uniform": uni_chosen, "student": st_chosen},
@@ -309,27 +284,37 @@ class TableRuns:
 
 def table_one(demo: Demo, seeds: list[int], chosen: Mapping[str, dict], teacher_keys: list[str],
               student_keys: list[str]) -> TableRuns:
-    """Train, score on val and collect the rows of Table 1 for every seed."""
+    """Train, score on val and collect the rows of Table 1 for every seed. Everything is queued as
+    soon as what it reads exists, so with --jobs > 1 runs of different rows and seeds train side by
+    side; the table is read in row order at the end."""
     out = TableRuns()
-    rows: dict[str, table.Row] = {}
-    for seed in seeds:
-        trained: list[tuple[str, Path]] = []
+    similarity = S.TEACHERS["similarity"]
+    for seed in seeds:  # 1. every seed's teachers
         for key in teacher_keys:
-            row = S.TEACHERS[key]
-            trained.append((row.label, demo.teacher(row, chosen.get(key, {}), seed)))
-        teacher = demo.teacher(S.TEACHERS["similarity"], chosen["similarity"], seed)
+            demo.teacher(S.TEACHERS[key], chosen.get(key, {}), seed, wait=False)
+    trained: dict[int, list[tuple[str, Path]]] = {}
+    for seed in seeds:  # 2. a seed's students, once its similarity teacher is calibrated on held-out
+        teacher = demo.teacher(similarity, chosen["similarity"], seed)
         out.teacher_calibration.append(calibration_summary(demo.calibrate_holdout(teacher)))
+        trained[seed] = [(S.TEACHERS[key].label, demo.teacher(S.TEACHERS[key], chosen.get(key, {}), seed, wait=False))
+                         for key in teacher_keys]
         for key in student_keys:
             row = S.STUDENTS[key]
-            lam = chosen["student"].get("distill.lam", 0.0) if row.corrected else 0.0
-            run = demo.student(row.targets, _student_setting(chosen["student"], lam), teacher, seed)
-            trained.append((row.label, run))
-            out.pseudo.setdefault(row.label, []).append(pseudo_label_counts(run / "metrics.jsonl"))
-        for label, run in trained:
+            trained[seed].append((row.label, demo.student(row.targets, row.setting(chosen["student"]), teacher, seed,
+                                                          wait=False)))
+    for seed in seeds:  # 3. each run scored on val as soon as it is trained
+        for _, run in trained[seed]:
+            demo.evaluate(run, "val", wait=False)
+    student_labels = {S.STUDENTS[key].label for key in student_keys}
+    rows: dict[str, table.Row] = {}
+    for seed in seeds:
+        for label, run in trained[seed]:
             metrics = demo.evaluate(run, "val")
             ece = read_json(run / "eval_val" / "calibration.json")["ece"]
             rows.setdefault(label, table.Row(label)).values[seed] = table.row_values(metrics, ece)
             out.runs[(label, seed)] = run
+            if label in student_labels:
+                out.pseudo.setdefault(label, []).append(pseudo_label_counts(run / "metrics.jsonl"))
     out.rows = list(rows.values())
     return out
 
@@ -379,6 +364,10 @@ def label_efficiency(demo: Demo, seeds: list[int], chosen: Mapping[str, dict],
     `slsd plot label-efficiency` reads them; returns the figure's path."""
     folder = demo.out / "label_efficiency"
     files = []
+    for key in ("onehot", "uniform", "similarity"):  # queued first: with --jobs > 1 they train side by side
+        for fraction in fractions:
+            for seed in seeds:
+                demo.teacher(S.TEACHERS[key], chosen.get(key, {}), seed, fraction, wait=False)
     for key in ("onehot", "uniform", "similarity"):
         row = S.TEACHERS[key]
         for fraction in fractions:
@@ -408,21 +397,42 @@ def _mean_metrics(per_seed: list[dict], method: str, fraction: float, seeds: lis
 
 def run_demo(out_dir: Path, *, full: bool = False, tune_only: bool = False, label_efficiency_mode: bool = False,
              seeds: list[int] | None = None, size: S.DemoSize | None = None,
-             fractions: tuple[float, ...] = DEFAULT_FRACTIONS) -> Path:
-    """Run the demo in `out_dir` and return the path of its report."""
+             fractions: tuple[float, ...] = DEFAULT_FRACTIONS, jobs: int = 1) -> Path:
+    """Run the demo in `out_dir` and return the path of its report (`jobs`: steps run at once, in child
+    processes sharing the cores; 1 = one after the other in this process)."""
+    runner = Runner(Path(out_dir), jobs=jobs)
+    try:
+        return _run_demo(runner, full=full, tune_only=tune_only, label_efficiency_mode=label_efficiency_mode,
+                         seeds=seeds, size=size, fractions=fractions)
+    finally:
+        runner.close()  # children still running after an error or an interrupt are stopped (training resumes)
+
+
+def _run_demo(runner: Runner, *, full: bool, tune_only: bool, label_efficiency_mode: bool, seeds: list[int] | None,
+              size: S.DemoSize | None, fractions: tuple[float, ...]) -> Path:
     started = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = runner.out_dir
     make_dirs(out_dir)  # a read-only or blocked location: the one-line error
     size = size or (S.FULL if full or tune_only or label_efficiency_mode else S.QUICK)
     seeds = seeds or ([0, 1, 2] if full else [0])
-    demo = Demo(out_dir, size, Runner(out_dir))
+    demo = Demo(out_dir, size, runner)
     demo.prepare(fractions if label_efficiency_mode else ())
     mode = "full" if full else "tune" if tune_only else "label-efficiency" if label_efficiency_mode else "quick"
 
     chosen = _defaults()
     grids: list[tuple[Grid, list[CellResult]]] = []
+    teacher_keys = list(S.TEACHERS) if full else ["similarity"]
+    student_keys = list(S.STUDENTS) if full else ["calibrated"]
+
+    def queue_table_teachers(teachers_chosen: Mapping[str, dict], keys: list[str] = teacher_keys) -> None:
+        for seed in seeds:  # Table 1's teachers need only the teachers' choice: they train beside the grid
+            for key in keys:
+                demo.teacher(S.TEACHERS[key], teachers_chosen.get(key, {}), seed, wait=False)
+
+    if full:  # the one-hot teachers have no knob to choose: queued at once, they fill the cores from the start
+        queue_table_teachers({}, keys=[key for key in teacher_keys if not S.TEACHERS[key].knobs])
     if full or tune_only:
-        tuning = tune(demo, seeds[0])
+        tuning = tune(demo, seeds[0], after_teachers=queue_table_teachers if full else None)
         chosen, grids = tuning["chosen"], _grids_from(tuning)
     elif (out_dir / "tuning.json").exists():  # a finished grid in this folder: use its choices
         tuning = read_json(out_dir / "tuning.json")
@@ -433,13 +443,12 @@ def run_demo(out_dir: Path, *, full: bool = False, tune_only: bool = False, labe
     inputs = ReportInputs(mode, size, seeds, [], grids=grids, chosen=by_grid if grids else {})
     figures: list[tuple[str, str]] = []
     if not tune_only and (full or not label_efficiency_mode):
-        teacher_keys = list(S.TEACHERS) if full else ["similarity"]
-        student_keys = list(S.STUDENTS) if full else ["calibrated"]
         runs = table_one(demo, seeds, chosen, teacher_keys, student_keys)
         inputs.rows, inputs.pseudo_labels = runs.rows, runs.pseudo
         inputs.bootstrap = bootstrap(demo, runs.runs, size.bootstrap)
         teacher_label, student_label = S.TEACHERS["similarity"].label, S.STUDENTS["calibrated"].label
         inputs.answer = (student_label, teacher_label, S.STUDENTS["soft"].label if full else None)
+        inputs.control = S.STUDENTS["control"].label if full else None
         figures += _table_figures(demo, runs.runs[(teacher_label, seeds[0])], runs.runs[(student_label, seeds[0])])
         inputs.diagnostics = _diagnostics(demo, runs, teacher_label, student_label, grids)
     if label_efficiency_mode:

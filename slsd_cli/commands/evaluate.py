@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from slsd_cli.errors import InputError
-from slsd_cli.io import FileSet, atomic_write_json, check_output
-from slsd_cli.progress import info, warn
-
-DETECTIONS_NAME = "detections.json"
-METRICS_NAME = "metrics.json"
+from slsd_cli.progress import info
 
 
 def evaluate(
@@ -51,77 +44,22 @@ def evaluate(
 
     Example: slsd eval --annotations val.json --checkpoint runs/student --images images --out-dir runs/student/eval
     """
-    from slsd_cli import evaluation, results
-    from slsd_cli.data.lvis import load_annotations
+    from slsd_cli.eval_pipeline import EvalConfig, run_eval
 
-    started = time.perf_counter()
-    if (detections is None) == (checkpoint is None):
-        raise InputError("give exactly one of --detections FILE or --checkpoint RUN (with --images)")
-    if checkpoint is not None and images is None:
-        raise InputError("--checkpoint needs --images (the folder of the annotations' images)")
-    if protocol is not None and protocol not in ("lvis", "coco"):
-        raise InputError(f"--protocol must be lvis or coco, got {protocol!r}")
-    iou_types = _parse_iou_types(iou_type)
-    det_out, metrics_out = out_dir / DETECTIONS_NAME, out_dir / METRICS_NAME
-    if checkpoint is not None:
-        check_output(det_out, force)
-    check_output(metrics_out, force)
-    if detections is not None:  # scoring a file needs neither torch nor a process group
-        ann = load_annotations(annotations)
-        source, det_path = str(detections), detections
-    else:
-        from slsd_cli import distributed, inference
-
-        with distributed.session() as dist:
-            ann = load_annotations(annotations)
-            predictor = inference.load_predictor(checkpoint, model, dist.device, image_size=image_size, amp=amp)
-            # detections.json and metrics.json are one set: staged, renamed into place together (io.FileSet)
-            outputs = FileSet([det_out, metrics_out], force, main=dist.is_main)
-            try:
-                inference.predict_to_results(predictor, ann, images, outputs.stage(det_out), batch_size=batch_size,
-                                             max_dets=max_dets, num_workers=workers)
-            except BaseException:
-                if dist.is_main:
-                    outputs.discard()
-                raise
-        if not dist.is_main:
-            return
-        source, det_path = f"checkpoint:{checkpoint} ({model})", outputs.stage(det_out)
-    protocol = protocol or ann.protocol
-    inferred = time.perf_counter()
-    with outputs if checkpoint is not None else contextlib.nullcontext():  # commit, or discard on error
-        dets = results.read_results(det_path, ann, masks=iou_types is None or "segm" in iou_types)
-        if iou_types is None:
-            iou_types = evaluation.default_iou_types(dets)
-            if iou_types == ("bbox",):
-                info("detections carry no masks: evaluating bbox only")
-        if not len(dets):
-            warn(f"no detections in {det_out if checkpoint is not None else det_path}: every AP is 0")
-        metrics = evaluation.evaluate(ann, dets, protocol=protocol, iou_types=iou_types, max_dets=max_dets,
-                                      path=det_path)
-        del dets
-        evaluated = time.perf_counter()
-        metrics = {**metrics, "annotations": str(annotations), "source": source}
-        atomic_write_json(outputs.stage(metrics_out) if checkpoint is not None else metrics_out, metrics,
-                          indent=1)
+    cfg = EvalConfig(annotations=annotations, out_dir=out_dir, checkpoint=checkpoint, images=images,
+                     detections=detections, protocol=protocol, iou_type=iou_type, max_dets=max_dets, model=model,
+                     batch_size=batch_size, image_size=image_size, workers=workers, amp=amp, force=force)
+    done = run_eval(cfg)
+    if done is None:  # not rank 0
+        return
+    metrics = done["metrics"]
     if metrics["num_detections_over_max_dets"]:
         info(f"kept each image's top {max_dets} detections by score: "
              f"{metrics['num_detections_over_max_dets']:,} of "
              f"{metrics['num_detections'] + metrics['num_detections_over_max_dets']:,} dropped (LVIS rule)")
-    print_metrics(metrics, iou_types)
-    info(f"time: {'inference' if checkpoint is not None else 'setup'} {inferred - started:.1f} s, "
-         f"evaluation {evaluated - inferred:.1f} s -> {metrics_out}")
-
-
-def _parse_iou_types(value: str | None) -> tuple[str, ...] | None:
-    from slsd_cli import evaluation
-
-    if value is None:
-        return None
-    types = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
-    if not types or any(t not in evaluation.IOU_TYPES for t in types):
-        raise InputError(f"--iou-type must be bbox, segm or bbox,segm, got {value!r}")
-    return types
+    print_metrics(metrics, done["iou_types"])
+    info(f"time: {'inference' if checkpoint is not None else 'setup'} {done['prepare_s']:.1f} s, "
+         f"evaluation {done['evaluation_s']:.1f} s -> {cfg.metrics_out}")
 
 
 def _fmt(value: float) -> str:

@@ -57,7 +57,6 @@ def retrieve(
 
     Example: slsd retrieve --annotations synth/train.json --images synth/images --pool synth/pool.json --embedder colorhist --k 16 --out retrieved/unlabeled.json
     """
-    from slsd_cli import distributed
     from slsd_cli.retrieval.pipeline import RetrieveConfig, run_retrieve
 
     cfg = RetrieveConfig(
@@ -66,7 +65,7 @@ def retrieve(
         index=index, nlist=nlist, pq_m=pq_m, ivf_refine=ivf_refine, target_recall=target_recall,
         dedup_threshold=dedup_threshold, cache_dir=cache_dir, chunk_size=chunk_size, skip_bad_images=skip_bad_images,
         batch_size=batch_size, workers=workers, seed=seed, force=force)
-    with distributed.session(cfg.device), progress() as bar:
+    with progress() as bar:  # run_retrieve joins and leaves the torchrun process group itself
         summary = run_retrieve(cfg, progress=bar)
     if summary is not None:
         print_summary(summary)

@@ -37,6 +37,7 @@ class ReportInputs:
     setup: list[str]                            # bullet lines describing data, backbone, retrieval
     rows: list[table.Row] = field(default_factory=list)
     answer: tuple[str, str, str | None] | None = None  # labels: corrected student, its teacher, uncorrected
+    control: str | None = None                  # label of the control row (teacher fine-tuned, no pseudo-labels)
     bootstrap: dict[tuple[str, int], np.ndarray] | None = None
     grids: list[tuple[Grid, list[CellResult]]] = field(default_factory=list)
     chosen: dict[str, dict[str, Any]] = field(default_factory=dict)  # grid name -> chosen setting
@@ -58,7 +59,7 @@ def render(inputs: ReportInputs) -> str:
     if inputs.answer and all(label is None or label in by_label for label in inputs.answer):
         student, teacher, uncorrected = inputs.answer
         lines += [table.answer(by_label[student], by_label[teacher], by_label.get(uncorrected) if uncorrected else None,
-                               inputs.bootstrap), ""]
+                               inputs.bootstrap, control=by_label.get(inputs.control) if inputs.control else None), ""]
     lines += ["## Setup", ""] + inputs.setup + [
         f"- Training seeds: {', '.join(map(str, inputs.seeds))} (the data and the split are generated with seed 0).",
         f"- Wall time {inputs.elapsed_s / 60:.1f} min for this invocation "

@@ -55,13 +55,15 @@ SIMILARITY_TEACHER_GRID = Grid("similarity teacher", (
 UNIFORM_TEACHER_GRID = Grid("uniform teacher", ())
 # Stage 1 is the issue-16 probe's "before" (threshold on the raw score, no ignore band, hard
 # background) at λ ∈ {0, 2}; the method's fixes are then added one at a time on the chosen λ > 0
-# cell, each kept only if it raises held-out mask AP: 4 + 1 + 1 + 1 = 7 students.
+# cell, each kept only if it raises held-out mask AP; last the unlabeled-loss weight, whose 0 is the
+# control (the same fine-tuning without pseudo-labels; never chosen): 4 + 1 + 1 + 1 + 3 = 10 students.
 STUDENT_GRID = Grid("student (soft targets)", (
     Stage((("distill.lam", (0.0, 2.0)), ("distill.threshold", (0.3, 0.5)))),
     Stage((("distill.threshold_on", ("raw", "corrected")),)),   # issue 16.3: filter on the Eq. 5 score
     Stage((("distill.ignore_low", (None, 0.1)),)),               # ignore band below the threshold
     Stage((("distill.background", ("hard", "teacher")),)),       # unmatched proposals: background or teacher
-), exclude=(("distill.lam", 0.0),))
+    Stage((("distill.unsup_weight", (1.0, 0.5, 2.0, 0.0)),)),    # the paper tunes it too; 0 = control
+), exclude=(("distill.lam", 0.0), ("distill.unsup_weight", 0.0)))
 
 
 def available(grid: Grid, known: Collection[str]) -> Grid:

@@ -25,6 +25,9 @@ Every detection that is not judged is counted in the output ("unverified", "igno
 Input: `slsd_cli.results.Detections` (read and validated by `results.read_results`, the one reader
 of results files). Output: the calibration.json dict (`calibrate_detections`); in its `groups`
 (r/c/f), a group with no judged detection has `mean_delta` and `ece` null (undefined, not 0).
+
+`slsd calibrate` as one library call (options checked in one place, a file or a detector run):
+`slsd_cli.calibrate_pipeline.run_calibrate`.
 """
 
 from __future__ import annotations

@@ -216,13 +216,21 @@ def hash_labeled_images(annotations, images_dir: Path, workers: int = 8, progres
 
 
 def run_retrieve(cfg: RetrieveConfig, progress=None) -> dict[str, Any] | None:
-    """Run the whole step; returns the summary on rank 0 (None on other ranks)."""
+    """Run the whole step: check the options and outputs, then do the work inside one
+    `distributed.session(cfg.device)` (joined and left here; a caller does not open one). Returns
+    the summary on rank 0 (None on other ranks)."""
     started = time.perf_counter()
     groups = validate_config(cfg)
-    out_path, jsonl_path, summary_path = output_paths(cfg.out)
-    for path in (out_path, jsonl_path, summary_path):
+    for path in output_paths(cfg.out):
         check_output(path, cfg.force)
-    info = distributed.init(cfg.device)
+    with distributed.session(cfg.device) as info:
+        return _retrieve(cfg, groups, info, started, progress)
+
+
+def _retrieve(cfg: RetrieveConfig, groups: list[str], info: distributed.DistInfo, started: float,
+              progress=None) -> dict[str, Any] | None:
+    """`run_retrieve`'s work once the inputs are checked, on every rank of the session `info`."""
+    out_path, jsonl_path, summary_path = output_paths(cfg.out)
     timings: dict[str, float] = {}
 
     annotations = load_annotations(cfg.annotations)

@@ -121,6 +121,13 @@ def test_report_opens_with_the_answer_and_shows_paired_differences():
     text = render(ReportInputs("full", TINY, [0, 1, 2], [], rows=rows, answer=(rows[2].label, rows[0].label, None),
                                bootstrap=_bootstrap(rows, 0.1)))
     assert "raise APr here? No — it lowers it.**" in text
+    # the control (teacher fine-tuned without pseudo-labels) splits the change: fine-tuning vs pseudo-labels
+    control = table.Row(STUDENTS["control"].label)
+    control.values = {seed: {**values, "APr": values["APr"] - 4.0} for seed, values in rows[0].values.items()}
+    text = render(ReportInputs("full", TINY, [0, 1, 2], [], rows=[*rows, control],
+                               answer=(rows[2].label, rows[0].label, None), control=control.label,
+                               bootstrap=_bootstrap([*rows, control], 0.1)))
+    assert "Against the control" in text and "the fine-tuning alone changes it by -4.0" in text
 
 
 # ---------------------------------------------------------------- the grid
@@ -293,7 +300,8 @@ def test_tuning_uses_the_held_out_split_never_val(quick_demo, tmp_path, monkeypa
 
 
 def test_default_grids_are_the_trimmed_budget():
-    """4 similarity teachers and 7 students: later stages add one new cell each (the other is the choice)."""
+    """4 similarity teachers and 10 students: later stages add one new cell each (the other is the choice),
+    the unlabeled-loss weight three (0.5, 2 and the control 0), which is never chosen."""
     from slsd_cli.demo.tuning import SIMILARITY_TEACHER_GRID, STUDENT_GRID
 
     def cells(grid: Grid, base: dict) -> int:
@@ -307,7 +315,8 @@ def test_default_grids_are_the_trimmed_budget():
 
     defaults = demo_pipeline._defaults()
     assert cells(SIMILARITY_TEACHER_GRID, defaults["similarity"]) == 4
-    assert cells(STUDENT_GRID, defaults["student"]) == 7
+    assert cells(STUDENT_GRID, defaults["student"]) == 10
+    assert ("distill.unsup_weight", 0.0) in STUDENT_GRID.exclude and ("distill.lam", 0.0) in STUDENT_GRID.exclude
     first = stage_settings(STUDENT_GRID.stages[0], defaults["student"])
     assert {(s["distill.threshold_on"], s["distill.ignore_low"], s["distill.background"]) for s in first} == {
         ("raw", None, "hard")}  # the "before" of the issue's probe

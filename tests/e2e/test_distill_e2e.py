@@ -21,6 +21,7 @@ import torch
 from slsd_cli.cli import main
 from slsd_cli.io import load_safetensors
 from tests.helpers.cli import read_metrics
+from tests.helpers.teacher import confident_teacher
 
 FAST = ["data.image_size=64", "model.image_size=64", "model.max_detections=3", "model.rpn_post_nms_topk_train=64",
         "model.rpn_post_nms_topk_test=64", "model.rois_per_image=32", "model.fpn_channels=32",
@@ -33,23 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def setup(tiny_synth, tmp_path_factory):
-    from slsd_cli import recipe as recipes
-    from slsd_cli.typed_yaml import to_dict
-    from slsd_cli.data.lvis import load_annotations
-    from slsd_cli.model.weights import build_detector, save_detector
-
     root = tmp_path_factory.mktemp("distill")
-    train_json = tiny_synth / "train.json"
-    recipe = recipes.load("synthetic_tiny_distill", FAST + [f"data.train_json={train_json}"])
-    annotations = load_annotations(train_json)
-    torch.manual_seed(0)
-    teacher = build_detector(recipe.model, annotations.categories)
-    with torch.no_grad():  # a confident teacher: class 0 everywhere
-        for stage in teacher.roi_heads.stages:
-            stage.cls_score.bias[0] = 3.0
-    save_detector(teacher, root / "teacher", annotations.categories, recipe.model,
-                  extra={"phase": "teacher", "recipe": to_dict(recipe)})
-    ids = [c["id"] for c in annotations.categories]
+    ids = confident_teacher(root / "teacher", tiny_synth / "train.json", FAST, {0: 3.0})  # class 0 everywhere
     calibration = root / "calibration.json"  # the fields `slsd calibrate` writes that distill reads
     calibration.write_text(json.dumps({"per_class": {str(ids[0]): {"delta": -0.2}, str(ids[1]): {"delta": 0.05},
                                                      str(ids[2]): {"delta": 0.1}}}))

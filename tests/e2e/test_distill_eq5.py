@@ -13,6 +13,7 @@ import torch
 
 from slsd_cli.cli import main
 from slsd_cli.model.detector import CascadeMaskRCNN
+from tests.helpers.teacher import confident_teacher
 
 FAST = ["data.image_size=64", "model.image_size=64", "model.max_detections=3", "model.rpn_post_nms_topk_train=64",
         "model.rpn_post_nms_topk_test=64", "model.rois_per_image=32", "model.fpn_channels=32",
@@ -26,24 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def setup(tiny_synth, tmp_path_factory):
-    from slsd_cli import recipe as recipes
-    from slsd_cli.data.lvis import load_annotations
-    from slsd_cli.model.weights import build_detector, save_detector
-    from slsd_cli.typed_yaml import to_dict
-
     root = tmp_path_factory.mktemp("distill_eq5")
-    train_json = tiny_synth / "train.json"
-    recipe = recipes.load("synthetic_tiny_distill", FAST + [f"data.train_json={train_json}"])
-    annotations = load_annotations(train_json)
-    torch.manual_seed(0)
-    teacher = build_detector(recipe.model, annotations.categories)
-    with torch.no_grad():  # a confident teacher: class 0 everywhere, class 1 second
-        for stage in teacher.roi_heads.stages:
-            stage.cls_score.bias[0] = 3.0
-            stage.cls_score.bias[1] = -1.0
-    save_detector(teacher, root / "teacher", annotations.categories, recipe.model,
-                  extra={"phase": "teacher", "recipe": to_dict(recipe)})
-    ids = [c["id"] for c in annotations.categories]
+    # a confident teacher: class 0 everywhere, class 1 second
+    ids = confident_teacher(root / "teacher", tiny_synth / "train.json", FAST, {0: 3.0, 1: -1.0})
     calibration = root / "calibration.json"
     calibration.write_text(json.dumps({"per_class": {str(i): {"delta": d} for i, d in zip(ids, DELTA)}}))
     return {"root": root, "teacher": root / "teacher", "pool": tiny_synth / "pool.json", "calibration": calibration}

@@ -127,6 +127,69 @@ def test_fast_reader_equals_json_on_hard_numbers(problem):
         results.read_results(_write(tmp, None, text=big), ann)
 
 
+def _box_text(n: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return json.dumps([{"image_id": 1 + k % 2, "category_id": (5, 9)[k % 3 == 0],
+                        "bbox": [round(rng.uniform(0, 30), rng.randint(0, 6)), rng.uniform(0, 20), 3, 4.5],
+                        "score": rng.random()} for k in range(n)])
+
+
+@pytest.mark.parametrize("broken", [
+    None,
+    lambda t: t[:len(t) * 3 // 4] + t[len(t) * 3 // 4:].replace('"score": ', '"score": 1.2.', 1),  # bad token, 2nd half
+    lambda t: t[:len(t) // 4] + t[len(t) // 4:].replace('"score": ', '"score": 0.5-', 1),    # bad token, 1st half
+    lambda t: t[:len(t) * 3 // 4] + t[len(t) * 3 // 4:].replace('"image_id": 2', '"image_id": 2.0', 1),
+    lambda t: t[:len(t) // 4] + t[len(t) // 4:].replace('"image_id": 2', '"image_id": 2.0', 1),
+    lambda t: t[:len(t) * 3 // 4] + t[len(t) * 3 // 4:].replace(", 4.5]", ", 4.5, 1]", 1),    # a fifth box number
+    lambda t: t[:len(t) * 3 // 4] + t[len(t) * 3 // 4:].replace("}, {", "}, 7, {", 1),        # a stray number
+    lambda t: t[:len(t) // 2] + t[len(t) // 2:].replace('"score"', '"scor"', 1),              # structure
+    lambda t: t + "]",                                                                        # a second "]"
+    lambda t: t[:-2] + "]",                                                                   # truncated record
+    lambda t: t + " 5",                                                                       # a number after the list
+])
+def test_box_reader_in_two_processes_and_small_chunks_equals_serial(monkeypatch, broken):
+    """The forked two-process parse (`_parse_halves`) and the chunked structure check
+    (`_count_records`) give the serial reader's columns to the bit, and refuse what it refuses."""
+    text = _box_text(400)
+    if broken is not None:
+        text = broken(text)
+        assert text != _box_text(400)
+    serial = results._box_columns(text.encode())
+    assert (serial is None) == (broken is not None)
+    halves = []
+    monkeypatch.setattr(results, "_parse_halves", lambda *a, f=results._parse_halves: halves.append(1) or f(*a))
+    for chunk in (7, 64, 1 << 20):
+        monkeypatch.setattr(results, "_SKELETON_CHUNK", chunk)
+        monkeypatch.setattr(results, "_PIECE", 48)
+        for parallel in (0, 1 << 40):
+            monkeypatch.setattr(results, "_PARALLEL_BYTES", parallel)
+            ours = results._box_columns(text.encode())
+            if serial is None:
+                assert ours is None, (chunk, parallel)
+            else:
+                assert ours is not None and ours.tobytes() == serial.tobytes(), (chunk, parallel)
+    assert halves or serial is None  # the two-process path ran
+
+
+def test_index_of_outside_the_ids():
+    ids = np.array([3, 4, 9, 20], dtype=np.int64)
+    values = np.array([9, 2, 3, 21, 20, -(2 ** 63), 2 ** 63 - 1, 5, 4], dtype=np.int64)
+    expect = [{3: 0, 4: 1, 9: 2, 20: 3}.get(int(v), -1) for v in values]
+    assert results.index_of(values, ids).tolist() == expect
+    assert results.index_of(values, np.array([3, 4, 9, 2 ** 40])).tolist() == expect[:4] + [-1] + expect[5:]
+    assert results.index_of(values, np.zeros(0, np.int64)).tolist() == [-1] * values.size
+
+
+def test_pair_rows_are_every_detection_with_every_ground_truth_of_its_pair():
+    rng = np.random.default_rng(0)
+    dt_size, gt_size = rng.integers(1, 6, 50), rng.integers(1, 4, 50)
+    dt_start, gt_start = rng.integers(0, 1000, 50), rng.integers(0, 1000, 50)
+    d, g = matching._pair_rows(dt_start, dt_size, gt_start, gt_size)
+    expect = [(ds + r, gs + j) for ds, dn, gs, gn in zip(dt_start, dt_size, gt_start, gt_size)
+              for r in range(dn) for j in range(gn)]
+    assert list(zip(d.tolist(), g.tolist())) == expect
+
+
 def test_reader_keeps_masks_compresses_uncompressed_and_skips_them_on_request(problem):
     tmp, ann, dets = problem
     records = json.loads(json.dumps(dets))

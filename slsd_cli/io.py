@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import os
 import re
@@ -580,3 +581,23 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Build a large acyclic object graph (a parsed dataset or results file: ~1.5M lists and dicts
+    at LVIS size) without cyclic-GC passes: each one would walk the growing graph again (measured: 0.6 s of
+    orjson's 1.0 s on a 56 MB file). Afterwards freeze + unfreeze moves the new objects straight
+    to the oldest generation, so no young-generation pass walks them later either (unless the
+    caller froze objects itself: unfreeze would release them). Acyclic: reference counting still
+    frees them."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+            gc.unfreeze()
+        if enabled:
+            gc.enable()

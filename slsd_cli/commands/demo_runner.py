@@ -10,8 +10,9 @@ queue; `run` runs a short step in this process at once (or waits for it, if it w
 Dependencies are the caller's: a step is submitted only once what it reads is done. With jobs = 1
 `submit` is `run`: every step runs in this process, in the order it is asked for.
 
-Why child processes: two small CPU trainings with one thread each get ~1.6x the throughput of one
-training with two threads on 2 cores (measured: 6.8 vs 8.6 img/s per process). A child's results
+Why child processes: two small CPU trainings side by side with one thread each get 1.35x the
+throughput of one training with two threads on 2 cores (measured: 5.6-6.0 img/s each vs 8.6 img/s
+for the synthetic_tiny teacher). A child's results
 are bit-identical for the same thread count; `jobs` changes the thread count, so float rounding
 (not the method) can differ between `--jobs 1` and `--jobs 2`.
 """

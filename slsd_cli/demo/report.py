@@ -64,7 +64,8 @@ def render(inputs: ReportInputs) -> str:
         f"- Training seeds: {', '.join(map(str, inputs.seeds))} (the data and the split are generated with seed 0).",
         f"- Wall time {inputs.elapsed_s / 60:.1f} min for this invocation "
         f"({sum(st.skipped for st in inputs.steps)} of {len(inputs.steps)} steps were done before and skipped); "
-        f"all steps, when they ran: {_total_minutes(inputs.steps)} (the steps table); peak memory of this "
+        f"all steps, when they ran: {_total_minutes(inputs.steps)} (the sum of the steps table, whose steps "
+        f"overlap with --jobs > 1); peak memory of this "
         f"invocation {inputs.peak_memory_mb:.0f} MB.",
         f"- Machine: {platform.machine()}, {platform.python_implementation()} {platform.python_version()}, "
         f"torch {__import__('torch').__version__}.", ""]

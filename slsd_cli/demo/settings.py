@@ -151,7 +151,7 @@ def student_run_name(targets: str, setting: Mapping[str, Any], teacher_run: str)
 
 def default_jobs(many_runs: bool) -> int:
     """Demo steps run at once: 2 for the grid and Table 1 on a CPU machine with >= 2 cores (two
-    one-thread trainings: ~1.6x the throughput of one two-thread training on 2 cores), else 1 (a GPU
+    one-thread trainings side by side: 1.35x the throughput of one two-thread training on 2 cores), else 1 (a GPU
     is not shared between trainings)."""
     import os
 

@@ -52,9 +52,10 @@ class Runner:
     out_dir: Path
     jobs: int = 1
     steps: list[Step] = field(default_factory=list)
-    _queue: list[_Job] = field(default_factory=list)
-    _running: list[_Job] = field(default_factory=list)
-    _known: dict[tuple[str, ...], _Job | None] = field(default_factory=dict)  # argv -> job (None: done)
+    _queue: list[_Job] = field(default_factory=list, init=False, repr=False)
+    _running: list[_Job] = field(default_factory=list, init=False, repr=False)
+    # argv -> its job while queued or running, None once done or skipped
+    _known: dict[tuple[str, ...], _Job | None] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def _timings_path(self) -> Path:

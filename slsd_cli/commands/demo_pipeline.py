@@ -157,11 +157,11 @@ class Demo:
         name = S.student_run_name(targets, setting, teacher.name)
         run = self.runs / name
         calibration = self.calibrate_holdout(teacher)
-        (self.runner.run if wait else self.runner.submit)(name, ["distill", S.DISTILL_RECIPE, *S.overrides(setting), "--teacher", str(teacher),
-                               "--unlabeled", str(self.retrieval / "unlabeled.json"), "--unlabeled-images",
-                               str(self.images), "--calibration", str(calibration), "--out-dir", str(run),
-                               "--targets", targets, "--iterations", str(self.size.distill_iterations),
-                               "--seed", str(seed), "--resume"], run / "model.safetensors")
+        argv = ["distill", S.DISTILL_RECIPE, *S.overrides(setting), "--teacher", str(teacher),
+                "--unlabeled", str(self.retrieval / "unlabeled.json"), "--unlabeled-images", str(self.images),
+                "--calibration", str(calibration), "--out-dir", str(run), "--targets", targets,
+                "--iterations", str(self.size.distill_iterations), "--seed", str(seed), "--resume"]
+        (self.runner.run if wait else self.runner.submit)(name, argv, run / "model.safetensors")
         return run
 
     def evaluate(self, run: Path, on: str, calibrate: bool = True, wait: bool = True) -> dict | None:

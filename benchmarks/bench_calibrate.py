@@ -124,7 +124,7 @@ def peak_gb():
 PHASES = PEAK + r"""
 import sys, time, json
 t0 = time.perf_counter()
-from slsd_cli import results
+from slsd_cli.data import results
 from slsd_cli.data.lvis import load_annotations
 from slsd_cli.labels import calibration
 t_import = time.perf_counter()
@@ -151,7 +151,7 @@ print(json.dumps({"import_s": t_import - t0, "annotations_s": t_ann - t_import, 
 # one side of the reader comparison: the reader ("fast") or json.load + from_records ("json")
 READER = PEAK + r"""
 import hashlib, json, sys, time
-from slsd_cli import results
+from slsd_cli.data import results
 from slsd_cli.data.lvis import load_annotations
 from slsd_cli.io import read_json
 from slsd_cli.labels import calibration

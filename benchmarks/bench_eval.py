@@ -146,7 +146,8 @@ def _usage() -> dict:
 
 
 def run_slsd(gt_path: Path, dt_path: Path, max_dets: int) -> dict:
-    from slsd_cli import evaluation, results
+    from slsd_cli.evaluation import metrics as evaluation
+    from slsd_cli.data import results
     from slsd_cli.data.lvis import load_annotations
 
     t0 = time.perf_counter()
@@ -199,7 +200,7 @@ def run_fce(gt_path: Path, dt_path: Path, max_dets: int) -> dict:
     from faster_coco_eval import COCO, COCOeval_faster
     from faster_coco_eval.core import mask as fmask
 
-    from slsd_cli.evaluation import limit_per_image
+    from slsd_cli.evaluation.metrics import limit_per_image
 
     t0 = time.perf_counter()
     gt_data = json.loads(gt_path.read_text())

@@ -3,7 +3,7 @@
   python benchmarks/bench_inference.py infer-check --device cuda --size 1024 --images 20 \
       --backbone eva02_large --dtype bf16
       The EVA-02-L Cascade Mask R-CNN (random init, 1203 classes, the published head widths) through
-      `slsd_cli.predictor.Predictor` on images of mixed aspect ratios (longest edge = --size, square
+      `slsd_cli.inference.predictor.Predictor` on images of mixed aspect ratios (longest edge = --size, square
       canvas padding), every candidate kept (score threshold 0, up to 300 detections per image, so the
       mask head and the RLE encoding see a full LVIS load). Prints images/s for the model alone and
       with the results conversion (paste + RLE), peak GPU memory per image (goal <= 24.9 GB), that
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout too
 
 from slsd_cli.model import CascadeMaskRCNN, ModelConfig, to_results  # noqa: E402
-from slsd_cli.predictor import Predictor  # noqa: E402
+from slsd_cli.inference.predictor import Predictor  # noqa: E402
 
 ASPECTS = [(1.0, 0.75), (0.667, 1.0), (1.0, 1.0), (0.5625, 1.0), (1.0, 0.8), (0.75, 1.0), (1.0, 0.5)]  # (h, w)
 

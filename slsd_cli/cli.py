@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        result = app(args=args, prog_name="slsd", standalone_mode=False)
+        # `obj`: what a command that runs other commands (the demo) needs, so that it never imports this module
+        result = app(args=args, prog_name="slsd", standalone_mode=False, obj={"run_command": main})
     except InputError as exc:
         if debug:
             raise

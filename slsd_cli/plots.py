@@ -37,7 +37,7 @@ from pycocotools import mask as mask_utils
 from slsd_cli.data.lvis import Annotations, load_image, segmentation_to_rle
 from slsd_cli.errors import InputError
 from slsd_cli.io import atomic_path, check_output, read_json
-from slsd_cli.results import read_results
+from slsd_cli.data.results import read_results
 
 DPI = 150
 PANEL_IN = 4.0  # reliability / label-efficiency panel side, inches

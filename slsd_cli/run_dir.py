@@ -138,3 +138,34 @@ def prepare(run_dir: Path, outputs: tuple[str, ...], resume: bool, recipe: Recip
         save_recipe(recipe, run_dir / RECIPE)
     distributed.barrier()
     return resuming
+
+
+# the two models a run can hold: `RUN/` (a teacher run, or a distillation run's student) and RUN/teacher/
+MODEL_KINDS = ("student", "teacher")
+
+
+def resolve_model(run: str | Path, kind: str = "student") -> Path:
+    """The model directory of a run (the layout above): `RUN` itself (a teacher run,
+    or a distillation run's student, its default export), or `RUN/teacher` for a distillation
+    run's teacher. A path to a model.safetensors / model.json file is used as is."""
+    run = Path(run)
+    weights = MODEL_WEIGHTS
+    if kind not in MODEL_KINDS:
+        raise InputError(f"--model must be student or teacher, got {kind!r}")
+    if run.is_file():
+        if kind == "teacher":
+            raise InputError(f"--model teacher needs a run directory (RUN/{TEACHER_DIR}/{weights})", path=run)
+        return run
+    if not run.is_dir():
+        raise InputError(f"checkpoint not found (expected a run directory or {weights})", path=run)
+    if kind == "teacher":
+        teacher = teacher_dir(run)
+        if (teacher / weights).is_file():
+            return teacher
+        if (run / weights).is_file() and not teacher.exists():
+            # a teacher run (slsd train-teacher) holds its model at the top level
+            return run
+        raise InputError(f"no teacher model here (expected RUN/{TEACHER_DIR}/{weights})", path=run)
+    if not (run / weights).is_file():
+        raise InputError(f"no {weights} in this run directory", path=run)
+    return run

@@ -38,7 +38,7 @@ def calibrate(
 
     Example: slsd calibrate --annotations holdout.json --detections runs/teacher/detections.json --out calibration.json
     """
-    from slsd_cli.calibrate_pipeline import CalibrateConfig, run_calibrate
+    from slsd_cli.labels.calibrate_pipeline import CalibrateConfig, run_calibrate
 
     cfg = CalibrateConfig(annotations=annotations, out=out, detections=detections, checkpoint=checkpoint,
                           images=images, bins=bins, iou=iou, iou_type=iou_type, model=model_kind,

@@ -1,4 +1,4 @@
-"""`slsd demo`: the whole pipeline on the embedded benchmark (thin CLI over commands/demo_pipeline.py)."""
+"""`slsd demo`: the whole pipeline on the embedded benchmark (thin CLI over `slsd_cli/demo/pipeline.py`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import typer
 
 
 def demo(
+    ctx: typer.Context,
     out_dir: Path = typer.Option(Path("runs/demo"), "--out-dir", "-o", help="Where data, runs, figures and report.md go."),
     full: bool = typer.Option(False, "--full", help="The paper's Table 1 (3 teachers, 3 students) over --seeds, with the "
                               "hyperparameters chosen on the held-out grid, paired differences and 95% intervals."),
@@ -42,13 +43,16 @@ def demo(
     """
     import dataclasses
 
-    from slsd_cli.commands.demo_pipeline import run_demo
+    from slsd_cli.demo.pipeline import run_demo
     from slsd_cli.demo.settings import FULL, QUICK, default_jobs, parse_fractions, parse_seeds
 
     size = FULL if full or tune or label_efficiency else QUICK  # one data size per protocol folder
     overrides = {"teacher_iterations": teacher_iterations, "distill_iterations": distill_iterations,
                  "train_images": train_images, "val_images": val_images, "bootstrap": bootstrap}
     size = dataclasses.replace(size, **{k: v for k, v in overrides.items() if v is not None})
-    run_demo(out_dir, full=full, tune_only=tune, label_efficiency_mode=label_efficiency, seeds=parse_seeds(seeds),
+    # the CLI's entry point, handed over by `slsd_cli.cli.main` (commands never import the CLI): the demo
+    # runs each of its steps through it, as `slsd <step>` would
+    run_command = ctx.find_root().obj["run_command"]
+    run_demo(out_dir, run_command, full=full, tune_only=tune, label_efficiency_mode=label_efficiency, seeds=parse_seeds(seeds),
              size=size, fractions=tuple(parse_fractions(fractions)),
              jobs=jobs or default_jobs(full or tune or label_efficiency))

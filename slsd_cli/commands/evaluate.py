@@ -44,7 +44,7 @@ def evaluate(
 
     Example: slsd eval --annotations val.json --checkpoint runs/student --images images --out-dir runs/student/eval
     """
-    from slsd_cli.eval_pipeline import EvalConfig, run_eval
+    from slsd_cli.evaluation.pipeline import EvalConfig, run_eval
 
     cfg = EvalConfig(annotations=annotations, out_dir=out_dir, checkpoint=checkpoint, images=images,
                      detections=detections, protocol=protocol, iou_type=iou_type, max_dets=max_dets, model=model,
@@ -71,7 +71,7 @@ def print_metrics(metrics: dict, iou_types: tuple[str, ...]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from slsd_cli import evaluation
+    from slsd_cli.evaluation import metrics as evaluation
 
     protocol, max_dets = metrics["protocol"], metrics["max_dets"]
     table = Table(title=f"{protocol.upper()} AP (%)",

@@ -48,7 +48,7 @@ def predict(
     Example: slsd predict --checkpoint runs/student photos/ --out photos_results.json --render photos_drawn
     """
     from slsd_cli.errors import InputError
-    from slsd_cli.predictor import PredictConfig, run_predict
+    from slsd_cli.inference.predict import PredictConfig, run_predict
 
     if checkpoint is None:  # the first form of the command: slsd predict RUN IMAGES...
         if len(images) < 2:

@@ -10,5 +10,5 @@
   frequency group, pseudo-labels per image, retrieval enrichment, ECE);
 - `report`: report.md.
 
-The commands layer (`slsd_cli/commands/demo_pipeline.py`) runs the `slsd` commands and calls these.
+The commands layer (`slsd_cli/demo/pipeline.py`) runs the `slsd` commands and calls these.
 """

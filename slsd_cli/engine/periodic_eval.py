@@ -25,7 +25,10 @@ from typing import Any, Callable
 
 import torch
 
-from slsd_cli import distributed, evaluation, inference, results
+from slsd_cli import distributed
+from slsd_cli.evaluation import metrics as evaluation
+from slsd_cli.inference import sharded as inference
+from slsd_cli.data import results
 from slsd_cli import run_dir as runs
 from slsd_cli.data.lvis import Annotations, load_annotations
 from slsd_cli.engine.logbook import append_json

@@ -6,7 +6,7 @@ into B equal-width bins of [0, 1] (bin b = [b/B, (b+1)/B), a score of 1 falls in
 
     Delta_i = sum_b (N_ib / N_i) (acc_ib - conf_ib)
 
-where a detection is correct when the COCO/LVIS greedy matcher (`slsd_cli.matching.match`, the one
+where a detection is correct when the COCO/LVIS greedy matcher (`slsd_cli.evaluation.matching.match`, the one
 `slsd eval` uses, here at the single IoU threshold `iou` and every area) matches it to a regular
 ground truth of its class on its image: greedily by decreasing score, each detection takes the free
 ground truth of highest IoU (equal IoUs: the later one, as pycocotools). Negative Delta:
@@ -22,12 +22,12 @@ Which detections are judged (the evaluation protocol's own rule):
   (`iscrowd: 1`, intersection over the detection's area >= `iou`), which COCO ignores.
 Every detection that is not judged is counted in the output ("unverified", "ignored").
 
-Input: `slsd_cli.results.Detections` (read and validated by `results.read_results`, the one reader
+Input: `slsd_cli.data.results.Detections` (read and validated by `results.read_results`, the one reader
 of results files). Output: the calibration.json dict (`calibrate_detections`); in its `groups`
 (r/c/f), a group with no judged detection has `mean_delta` and `ece` null (undefined, not 0).
 
 `slsd calibrate` as one library call (options checked in one place, a file or a detector run):
-`slsd_cli.calibrate_pipeline.run_calibrate`.
+`slsd_cli.labels.calibrate_pipeline.run_calibrate`.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
-from slsd_cli import matching
+from slsd_cli.evaluation import matching
 from slsd_cli.errors import InputError
 from slsd_cli.io import atomic_write_json, check_output, read_json
-from slsd_cli.results import Detections, from_records
+from slsd_cli.data.results import Detections, from_records
 
 if TYPE_CHECKING:
     import torch

@@ -10,7 +10,7 @@ torchrun each rank takes a contiguous shard of the images and the sums are all-r
 Backbones: any timm model (`features_only=True`, one feature level) with pretrained weights by name
 (online; `efficientnet_lite0` offline from its pip package, see `timm_models.PACKAGED`), from a
 local file, or random init; or the backbone of an slsd detector run
-(`slsd_cli.predictor.Predictor.features`: padded as the detector was trained).
+(`slsd_cli.inference.predictor.Predictor.features`: padded as the detector was trained).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from slsd_cli import distributed
 from slsd_cli.data.lvis import Annotations, annotation_mask, load_image
 from slsd_cli.errors import InputError
 from slsd_cli.labels.smoothing import PrototypeAccumulator, cosine_similarity
-from slsd_cli.timm_models import create_timm_model, is_timm_model
+from slsd_cli.model.timm_models import create_timm_model, is_timm_model
 
 SAMPLING_RATIO = 2
 
@@ -152,7 +152,7 @@ def timm_extractor(name: str, weights: str | Path | None = None, random_init: bo
 def checkpoint_extractor(path: str | Path, annotations: Annotations | None = None) -> Extractor:
     """The plain backbone map of an slsd detector run (model dir, model.safetensors or model.json)."""
     try:
-        from slsd_cli.predictor import Predictor
+        from slsd_cli.inference.predictor import Predictor
     except ImportError as exc:  # the model package is optional at import time
         raise InputError(f"slsd detector checkpoints are not available ({exc})", path=path) from exc
     # the predictor pads as the model was trained (a ViT's square canvas), in fp32

@@ -382,7 +382,7 @@ def _create_timm_features(cfg: ModelConfig) -> nn.Module:
     if not timm.is_model(cfg.backbone):
         raise InputError(f"unknown backbone {cfg.backbone!r}: use one of {sorted(EVA_PRESETS)} or a timm model "
                          "name (e.g. resnet18)", record="model.backbone")
-    from slsd_cli.timm_models import PACKAGED, architecture_kwargs, create_packaged
+    from slsd_cli.model.timm_models import PACKAGED, architecture_kwargs, create_packaged
 
     kwargs = dict(features_only=True, **architecture_kwargs(cfg.backbone))
     if cfg.drop_path > 0:
@@ -429,7 +429,7 @@ def _weights_error(cfg: ModelConfig, exc: Exception, name: str) -> InputError:
 
 
 def _read_weights_file(path: str) -> dict:
-    from slsd_cli.timm_models import read_weights_file
+    from slsd_cli.model.timm_models import read_weights_file
 
     _check_weights_file(path)
     # no unwrapping here: timm's EVA checkpoint filter unwraps (model_ema, model, ...) and renames keys

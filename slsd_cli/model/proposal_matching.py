@@ -1,5 +1,5 @@
 """Training-time IoU matching of candidate boxes (anchors, proposals) to ground truth, and balanced
-sampling (torch). Not the evaluation matcher of detections: that is `slsd_cli.matching`.
+sampling (torch). Not the evaluation matcher of detections: that is `slsd_cli.evaluation.matching`.
 
 `match(iou, low, high, allow_low_quality)` labels each candidate 1 (foreground, IoU >= high),
 0 (background, IoU < low) or -1 (ignored, in between), and gives the index of its best ground truth.

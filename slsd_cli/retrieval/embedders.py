@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from slsd_cli.errors import InputError
-from slsd_cli.timm_models import create_timm_model, is_timm_model
+from slsd_cli.model.timm_models import create_timm_model, is_timm_model
 
 DEFAULT_EMBEDDER = "vit_large_patch14_dinov2.lvd142m"
 COLORHIST = "colorhist"
@@ -183,7 +183,7 @@ class DetectorBackboneEmbedder(Embedder):
     def __init__(self, run: str | Path, image_size: int | None = None, device: torch.device | str = "cpu"):
         try:
             from slsd_cli.model.weights import WEIGHTS_NAME
-            from slsd_cli.predictor import Predictor
+            from slsd_cli.inference.predictor import Predictor
         except ImportError as exc:
             raise InputError(f"slsd detector checkpoints are not available ({exc})", path=run) from exc
         run = Path(run)

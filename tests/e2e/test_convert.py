@@ -20,7 +20,7 @@ from slsd_cli.cli import main
 from slsd_cli.errors import InputError
 from slsd_cli.model import build_detector, load_detector, tiny_eva_config
 from slsd_cli.model.convert_detectron2 import class_permutation, convert_state_dict, key_map, read_checkpoint
-from slsd_cli.predictor import Predictor
+from slsd_cli.inference.predictor import Predictor
 from slsd_cli.typed_yaml import to_dict
 from tests.helpers.tiny_data import write_dataset
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from slsd_cli.commands import demo_pipeline
-from slsd_cli.commands.demo_pipeline import run_demo
+from slsd_cli.cli import main
+from slsd_cli.demo.pipeline import run_demo
 from slsd_cli.demo import table
 from slsd_cli.demo.report import ReportInputs, render
 from slsd_cli.demo.settings import STUDENTS, TEACHERS, DemoSize, parse_fractions, parse_seeds, slug
@@ -175,7 +176,7 @@ def quick_demo(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         out = tmp_path_factory.mktemp("demo")
-        report = run_demo(out, size=TINY)
+        report = run_demo(out, main, size=TINY)
     finally:
         torch.set_num_threads(threads)
     return out, report
@@ -204,7 +205,7 @@ def test_quick_demo_report(quick_demo):
 def _noisy_detections(annotations, seed: int):
     """Ground-truth masks as detections, a third of them with a wrong class, with random scores."""
     from slsd_cli.data.lvis import segmentation_to_rle
-    from slsd_cli.results import from_records
+    from slsd_cli.data.results import from_records
 
     rng = np.random.default_rng(seed)
     records = []
@@ -221,8 +222,8 @@ def _noisy_detections(annotations, seed: int):
 
 def test_val_bootstrap_is_paired_and_exact(quick_demo):
     from slsd_cli.data.lvis import load_annotations
-    from slsd_cli.eval_bootstrap import Resampler, bootstrap_metrics
-    from slsd_cli.evaluation import evaluate
+    from slsd_cli.evaluation.bootstrap import Resampler, bootstrap_metrics
+    from slsd_cli.evaluation.metrics import evaluate
 
     out, _ = quick_demo
     annotations = load_annotations(out / "data" / "val.json")
@@ -246,7 +247,7 @@ def test_rerun_skips_finished_steps(quick_demo, one_thread):
     out, _ = quick_demo
     teacher = out / "runs" / _quick_runs()[0] / "model.safetensors"
     before = teacher.stat().st_mtime_ns
-    text = run_demo(out, size=TINY).read_text()
+    text = run_demo(out, main, size=TINY).read_text()
     steps = text[text.index("## Steps"):]
     assert steps.count("| skipped (") >= 14 and "when run) |" in steps  # each step's time is kept
     assert teacher.stat().st_mtime_ns == before
@@ -256,7 +257,7 @@ def test_label_efficiency_writes_what_the_plot_reads(quick_demo, one_thread):
     from slsd_cli import plots
 
     out, _ = quick_demo
-    report = run_demo(out, label_efficiency_mode=True, size=TINY, fractions=(0.5,)).read_text()
+    report = run_demo(out, main, label_efficiency_mode=True, size=TINY, fractions=(0.5,)).read_text()
     files = sorted((out / "label_efficiency").glob("*.json"))
     assert [f.name for f in files] == ["onehot_frac0.5.json", "similarity_frac0.5.json", "uniform_frac0.5.json"]
     runs = plots.label_efficiency_runs(files)
@@ -284,7 +285,7 @@ def test_tuning_uses_the_held_out_split_never_val(quick_demo, tmp_path, monkeypa
         copy = shutil.copytree if (out / part).is_dir() else shutil.copy2
         copy(out / part, tmp_path / part)
     (tmp_path / "data" / "val.json").unlink()  # any tuning step that reads val now fails
-    report = run_demo(tmp_path, tune_only=True, size=TINY).read_text()
+    report = run_demo(tmp_path, main, tune_only=True, size=TINY).read_text()
     assert "val.json" not in report
     tuning = json.loads((tmp_path / "tuning.json").read_text())
     assert set(tuning["chosen"]["similarity"]) == {"smoothing.epsilon", "smoothing.gamma"}

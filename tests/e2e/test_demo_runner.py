@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from slsd_cli.commands.demo_runner import Runner
+from slsd_cli.cli import main
+from slsd_cli.demo.runner import Runner
 from slsd_cli.errors import InputError
 
 
@@ -28,13 +29,13 @@ def _digest(folder: Path) -> str:
 
 
 def test_children_match_this_process_and_are_waited_for_by_output(tmp_path):
-    here = Runner(tmp_path / "here", jobs=1)
+    here = Runner(tmp_path / "here", main, jobs=1)
     (tmp_path / "here").mkdir()
     here.run("synth a", _synth(tmp_path / "here" / "a", 1), tmp_path / "here" / "a" / "classes.json")
 
     out = tmp_path / "jobs"
     out.mkdir()
-    runner = Runner(out, jobs=2)
+    runner = Runner(out, main, jobs=2)
     assert runner.threads >= 1
     markers = [out / name / "classes.json" for name in ("a", "b", "c")]
     for seed, marker in zip((1, 2, 3), markers):
@@ -51,14 +52,14 @@ def test_children_match_this_process_and_are_waited_for_by_output(tmp_path):
     assert len(timings) == 3 and all(v > 0 for v in timings.values())
     assert (out / "logs" / "synth_a.log").exists()
 
-    again = Runner(out, jobs=2)  # a rerun skips finished steps and keeps their recorded time
+    again = Runner(out, main, jobs=2)  # a rerun skips finished steps and keeps their recorded time
     again.submit("synth b", _synth(markers[1].parent, 2), markers[1])
     assert again.steps[0].skipped and again.steps[0].seconds == timings[" ".join(_synth(markers[1].parent, 2))]
     assert not again._queue and not again._running
 
 
 def test_a_failing_child_is_one_error_naming_its_log(tmp_path):
-    runner = Runner(tmp_path, jobs=2)
+    runner = Runner(tmp_path, main, jobs=2)
     bad = ["synth", str(tmp_path / "bad"), "--classes", "1"]  # below the 3-class minimum: exit 2
     runner.submit("synth bad", bad, tmp_path / "bad" / "classes.json")
     with pytest.raises(InputError, match=r"step 'synth bad' failed with exit code 2 .*synth_bad\.log"):
@@ -68,7 +69,7 @@ def test_a_failing_child_is_one_error_naming_its_log(tmp_path):
 
 
 def test_close_stops_running_children(tmp_path):
-    runner = Runner(tmp_path, jobs=2)
+    runner = Runner(tmp_path, main, jobs=2)
     for name in ("x", "y", "z"):
         runner.submit(f"synth {name}", _synth(tmp_path / name, 0), tmp_path / name / "classes.json")
     processes = [job.process for job in runner._running]

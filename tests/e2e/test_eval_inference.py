@@ -16,10 +16,11 @@ import torch
 from torch import nn
 from torchvision.io import write_png
 
-from slsd_cli import inference
+from slsd_cli.inference import sharded as inference
 from slsd_cli.cli import main
 from slsd_cli.data.lvis import load_annotations
 from slsd_cli.errors import InputError
+from slsd_cli.run_dir import resolve_model
 
 CATEGORIES = [{"id": 2, "name": "a", "frequency": "r"}, {"id": 5, "name": "b", "frequency": "c"},
               {"id": 8, "name": "c", "frequency": "f"}]
@@ -116,13 +117,13 @@ def test_two_processes_give_the_same_metrics(single_process, setup):
 
 def test_teacher_is_selected_with_model_teacher(single_process, setup):
     root, gt, run = setup
-    assert inference.resolve_checkpoint(run, "student") == run
-    assert inference.resolve_checkpoint(run, "teacher") == run / "teacher"
-    assert inference.resolve_checkpoint(run / "teacher", "teacher") == run / "teacher"  # a teacher run
+    assert resolve_model(run, "student") == run
+    assert resolve_model(run, "teacher") == run / "teacher"
+    assert resolve_model(run / "teacher", "teacher") == run / "teacher"  # a teacher run
     with pytest.raises(InputError, match="teacher"):
-        inference.resolve_checkpoint(root / "images", "teacher")
+        resolve_model(root / "images", "teacher")
     with pytest.raises(InputError):
-        inference.resolve_checkpoint(run, "ema")
+        resolve_model(run, "ema")
     ann = load_annotations(gt)
     teacher = inference.predict_results(run, ann, root / "images", model_kind="teacher", max_dets=20, device="cpu")
     _, student = _load(single_process)

@@ -276,7 +276,7 @@ def test_disk_full_train_teacher(world, tmp_path, capsys):
 
 @pytest.mark.parametrize("writer", ["torch_save_atomic", "save_safetensors_atomic", "atomic_write_json"])
 def test_disk_full_writers_one_line(tmp_path, writer):
-    """Each writer of io.py: the one-line error (for torch.save, not its 'enforce fail') and no temporary."""
+    """Each writer of slsd_cli.io: the one-line error (for torch.save, not its 'enforce fail') and no temporary."""
     from slsd_cli import io
     from slsd_cli.errors import InputError
 
@@ -358,11 +358,9 @@ def test_killed_atomic_write_in_subprocess(world, tmp_path):
             str(out / "calibration.json")]
     script = textwrap.dedent("""
         import os, signal, sys
-        import slsd_cli.io as io
-        real = io.os.fsync
         def fsync(fd):
             os.kill(os.getpid(), signal.SIGKILL)
-        io.os.fsync = fsync
+        os.fsync = fsync  # every writer of slsd_cli.io calls os.fsync before its rename
         from slsd_cli.cli import main
         sys.exit(main(sys.argv[1:]))
     """)

@@ -13,8 +13,8 @@ import torch
 from slsd_cli.cli import main
 from slsd_cli.data.lvis import load_annotations
 from slsd_cli.errors import InputError
-from slsd_cli.inference import collect_images
-from slsd_cli.results import read_results
+from slsd_cli.inference.predict import collect_images
+from slsd_cli.data.results import read_results
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_image_ids_from_numeric_stems_and_bad_sources(tmp_path):
 
 
 def test_fp32_stays_the_default_on_cpu(world):
-    from slsd_cli.predictor import Predictor, autocast_dtype
+    from slsd_cli.inference.predictor import Predictor, autocast_dtype
 
     root, synth, run, folder, _ = world
     predictor = Predictor.from_run(run, device="cpu")

@@ -16,9 +16,9 @@ from slsd_cli import recipe as recipes
 from slsd_cli.cli import main
 from slsd_cli.data.lvis import load_annotations
 from slsd_cli.engine.seeding import seed_everything
-from slsd_cli.evaluation import evaluate
-from slsd_cli.inference import predict_to_results
-from slsd_cli.results import read_results
+from slsd_cli.evaluation.metrics import evaluate
+from slsd_cli.inference.sharded import predict_to_results
+from slsd_cli.data.results import read_results
 from slsd_cli.model.weights import build_detector, load_detector
 from tests.helpers.synth import first_annotated, linked_copy
 

@@ -15,7 +15,8 @@ from slsd_cli.data.lvis import load_annotations
 from slsd_cli.errors import InputError
 from slsd_cli.labels import calibration
 from slsd_cli.labels.calibration import compute_calibration, load_delta
-from slsd_cli.results import _box_columns, from_records, read_results
+from slsd_cli.data.results import from_records, read_results
+from slsd_cli.data.results_parser import box_columns
 from tests.helpers.cli import run_cli
 
 W, H = 64, 48
@@ -292,7 +293,7 @@ def test_fast_reader_equals_json_path(tmp_path, variant):
                            for d in dets])
     path = tmp_path / "dets.json"
     path.write_text(text)
-    assert _box_columns(text.encode()) is not None  # the vectorised reader took it
+    assert box_columns(text.encode()) is not None  # the vectorised reader took it
     fast = read_results(path, ann, masks=False)
     slow = from_records(json.loads(text), ann, masks=False)
     for name in ("image_ids", "labels", "scores", "boxes"):
@@ -311,7 +312,7 @@ def test_fast_reader_equals_json_path(tmp_path, variant):
     '{"image_id": 100}',
 ])
 def test_fast_reader_declines_what_it_cannot_prove(text):
-    assert _box_columns(text.encode()) is None
+    assert box_columns(text.encode()) is None
 
 
 def test_fallback_reader_handles_exponents_and_extra_keys(tmp_path):
@@ -422,7 +423,7 @@ def test_cli_writes_calibration_and_refuses_bad_input(tmp_path, capsys):
 
 def test_cli_runs_a_detector_checkpoint(tmp_path, capsys):
     from slsd_cli.model import weights
-    from slsd_cli import inference
+    from slsd_cli.inference import sharded as inference
     from slsd_cli.data.synthetic import generate
     from slsd_cli.model.model_config import tiny_cnn_config
 

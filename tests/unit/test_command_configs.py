@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from slsd_cli.errors import InputError
-from slsd_cli.eval_pipeline import EvalConfig
-from slsd_cli.calibrate_pipeline import CalibrateConfig
+from slsd_cli.evaluation.pipeline import EvalConfig
+from slsd_cli.labels.calibrate_pipeline import CalibrateConfig
 
 ANN, DETS, RUN, IMAGES = Path("gt.json"), Path("dets.json"), Path("run"), Path("images")
 ONE_SOURCE = "give exactly one of --detections FILE or --checkpoint RUN (with --images)"

@@ -12,8 +12,8 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from lvis_reference import lvis_api  # benchmarks/lvis_reference.py (pytest's pythonpath)
-from slsd_cli import evaluation
-from slsd_cli import results as results_file
+from slsd_cli.evaluation import metrics as evaluation
+from slsd_cli.data import results as results_file
 from slsd_cli.cli import main
 from slsd_cli.data.lvis import load_annotations
 

@@ -372,7 +372,7 @@ def test_to_results_pass_results_validation(predictions, data, tmp_path):
     from pycocotools.coco import COCO
 
     from slsd_cli.data.lvis import Annotations
-    from slsd_cli.results import from_records
+    from slsd_cli.data.results import from_records
 
     _, dets, sizes = predictions
     _, targets = data

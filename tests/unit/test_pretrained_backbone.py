@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slsd_cli import timm_models
+from slsd_cli.model import timm_models
 from slsd_cli.data.lvis import load_image
 from slsd_cli.errors import InputError
 from slsd_cli.io import load_torch_file

@@ -1,4 +1,4 @@
-"""The one results-file reader (`slsd_cli.results`), the shared matcher's box IoU, Eq. 4 as a
+"""The one results-file reader (`slsd_cli.data.results`), the shared matcher's box IoU, Eq. 4 as a
 function, and the promise that scoring a file never loads torch."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from slsd_cli import matching, results
+from slsd_cli.evaluation import matching
+from slsd_cli.data import results, results_parser
 from slsd_cli.data.lvis import load_annotations
 from slsd_cli.errors import InputError
 from slsd_cli.labels.calibration import ccece, ece
@@ -116,13 +117,13 @@ def test_fast_reader_equals_json_on_hard_numbers(problem):
                                                           abs(numbers[i + 3])], "score": rng.random()}
                for i in range(0, len(numbers) - 4, 4)]
     text = json.dumps(records)
-    assert results._box_columns(text.encode()) is not None  # the vectorised reader takes it
+    assert results_parser.box_columns(text.encode()) is not None  # the vectorised reader takes it
     fast = results.read_results(_write(tmp, None, text=text), ann)
     ref = results.from_records(json.loads(text), ann)
     for name in ("image_ids", "category_ids", "labels", "scores", "boxes"):
         assert getattr(fast, name).tobytes() == getattr(ref, name).tobytes(), name
     big = '[{"image_id": 9007199254740993, "category_id": 5, "bbox": [1, 2, 3, 4], "score": 0.5}]'
-    assert results._box_columns(big.encode()) is None
+    assert results_parser.box_columns(big.encode()) is None
     with pytest.raises(InputError, match="unknown image id 9007199254740993"):
         results.read_results(_write(tmp, None, text=big), ann)
 
@@ -154,16 +155,16 @@ def test_box_reader_in_two_processes_and_small_chunks_equals_serial(monkeypatch,
     if broken is not None:
         text = broken(text)
         assert text != _box_text(400)
-    serial = results._box_columns(text.encode())
+    serial = results_parser.box_columns(text.encode())
     assert (serial is None) == (broken is not None)
     halves = []
-    monkeypatch.setattr(results, "_parse_halves", lambda *a, f=results._parse_halves: halves.append(1) or f(*a))
+    monkeypatch.setattr(results_parser, "_parse_halves", lambda *a, f=results_parser._parse_halves: halves.append(1) or f(*a))
     for chunk in (7, 64, 1 << 20):
-        monkeypatch.setattr(results, "_SKELETON_CHUNK", chunk)
-        monkeypatch.setattr(results, "_PIECE", 48)
+        monkeypatch.setattr(results_parser, "_SKELETON_CHUNK", chunk)
+        monkeypatch.setattr(results_parser, "_PIECE", 48)
         for parallel in (0, 1 << 40):
-            monkeypatch.setattr(results, "_PARALLEL_BYTES", parallel)
-            ours = results._box_columns(text.encode())
+            monkeypatch.setattr(results_parser, "_PARALLEL_BYTES", parallel)
+            ours = results_parser.box_columns(text.encode())
             if serial is None:
                 assert ours is None, (chunk, parallel)
             else:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slsd_cli.model import build_detector, tiny_cnn_config, tiny_eva_config
-from slsd_cli.predictor import Predictor
+from slsd_cli.inference.predictor import Predictor
 
 CATEGORIES = [{"id": 3, "name": "a", "image_count": 5}, {"id": 7, "name": "b", "image_count": 2}]
 WIDE = (80, 128)   # (h, w) non-square, longest edge = image_size

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from slsd_cli.results import index_of
+from slsd_cli.data.results import index_of
 
 if TYPE_CHECKING:
     from slsd_cli.data.lvis import Annotations, Protocol

@@ -29,9 +29,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from slsd_cli.commands.demo_runner import Runner
+from slsd_cli.demo.runner import Runner
 from slsd_cli.demo import settings as S
 from slsd_cli.demo import table
 from slsd_cli.demo.diagnostics import (calibration_summary, peak_memory_mb, pseudo_label_counts,
@@ -336,9 +336,9 @@ def bootstrap(demo: Demo, runs: Mapping[tuple[str, int], Path], replicates: int)
         if str(stored["signature"]) == signature:
             return {k: stored[f"run{i}"] for i, k in enumerate(keys)}
     from slsd_cli.data.lvis import load_annotations
-    from slsd_cli.eval_bootstrap import bootstrap_metrics
+    from slsd_cli.evaluation.bootstrap import bootstrap_metrics
     from slsd_cli.io import atomic_path
-    from slsd_cli.results import read_results
+    from slsd_cli.data.results import read_results
 
     info(f"[bold cyan]demo:[/bold cyan] bootstrap over val images: {replicates} replicates × {len(keys)} runs")
     annotations = load_annotations(demo.data / "val.json")
@@ -395,12 +395,13 @@ def _mean_metrics(per_seed: list[dict], method: str, fraction: float, seeds: lis
 # ---------------------------------------------------------------- the demo
 
 
-def run_demo(out_dir: Path, *, full: bool = False, tune_only: bool = False, label_efficiency_mode: bool = False,
-             seeds: list[int] | None = None, size: S.DemoSize | None = None,
-             fractions: tuple[float, ...] = DEFAULT_FRACTIONS, jobs: int = 1) -> Path:
-    """Run the demo in `out_dir` and return the path of its report (`jobs`: steps run at once, in child
-    processes sharing the cores; 1 = one after the other in this process)."""
-    runner = Runner(Path(out_dir), jobs=jobs)
+def run_demo(out_dir: Path, run_command: Callable[[list[str]], int], *, full: bool = False,
+             tune_only: bool = False, label_efficiency_mode: bool = False, seeds: list[int] | None = None,
+             size: S.DemoSize | None = None, fractions: tuple[float, ...] = DEFAULT_FRACTIONS, jobs: int = 1) -> Path:
+    """Run the demo in `out_dir` and return the path of its report. `run_command(argv) -> exit code`
+    runs one `slsd` command in this process (the CLI's `main`); `jobs`: steps run at once, in child
+    processes sharing the cores; 1 = one after the other in this process."""
+    runner = Runner(Path(out_dir), run_command, jobs=jobs)
     try:
         return _run_demo(runner, full=full, tune_only=tune_only, label_efficiency_mode=label_efficiency_mode,
                          seeds=seeds, size=size, fractions=fractions)

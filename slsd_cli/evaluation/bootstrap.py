@@ -21,8 +21,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from slsd_cli.data.lvis import Annotations
-from slsd_cli.evaluation import evaluate
-from slsd_cli.results import Detections
+from slsd_cli.evaluation.metrics import evaluate
+from slsd_cli.data.results import Detections
 from slsd_cli.stats import bootstrap_indices
 
 DEFAULT_KEYS = ("AP", "APr", "APc", "APf")

@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from slsd_cli.demo.report import Step
 from slsd_cli.errors import InputError
@@ -50,6 +51,9 @@ class Runner:
     reports what every step cost when it ran) and, with `jobs > 1`, the queue of child processes."""
 
     out_dir: Path
+    # runs one step in this process: `slsd_cli.cli.main`, handed over by the command (the library
+    # never imports the CLI), or any callable argv -> exit code
+    run_command: Callable[[list[str]], int]
     jobs: int = 1
     steps: list[Step] = field(default_factory=list)
     _queue: list[_Job] = field(default_factory=list, init=False, repr=False)
@@ -153,11 +157,9 @@ class Runner:
 
     # ------------------------------------------------------------ execution
     def _run_here(self, job: _Job) -> None:
-        from slsd_cli.cli import main
-
         info(f"[bold cyan]demo:[/bold cyan] {job.step.name}: slsd {' '.join(job.step.argv)}")
         start = time.perf_counter()
-        code = main(job.step.argv)
+        code = self.run_command(job.step.argv)
         self._finished(job, time.perf_counter() - start, code)
 
     def _pump(self) -> None:

@@ -5,7 +5,7 @@ place; an `InputError` names the option). `run_eval` scores a detections file re
 torch, no process group), or runs a detector over the annotations' images first, sharded under
 torchrun inside one `distributed.session()`; then it writes metrics.json (with --checkpoint,
 detections.json and metrics.json are one set, staged and renamed into place together: `io.FileSet`).
-The numbers themselves are `slsd_cli.evaluation.evaluate`'s.
+The numbers themselves are `slsd_cli.evaluation.metrics.evaluate`'s.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def check_detections_or_checkpoint(detections: Path | None, checkpoint: Path | N
 def parse_iou_types(value: str | None) -> tuple[str, ...] | None:
     """'bbox', 'segm' or 'bbox,segm' (in the order given, repeats dropped); None: decided by the
     detections (`evaluation.default_iou_types`)."""
-    from slsd_cli.evaluation import IOU_TYPES
+    from slsd_cli.evaluation.metrics import IOU_TYPES
 
     if value is None:
         return None
@@ -72,7 +72,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         """The option combinations; an InputError names the first one that is wrong. (`model` is
-        checked where a checkpoint is loaded: `inference.resolve_checkpoint`.)"""
+        checked where a checkpoint is loaded: `run_dir.resolve_model`.)"""
         check_detections_or_checkpoint(self.detections, self.checkpoint, self.images, "the annotations' images")
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise InputError(f"--protocol must be lvis or coco, got {self.protocol!r}")
@@ -97,7 +97,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
     "iou_types": the IoU types scored, "prepare_s": seconds for the annotations (and, with a
     checkpoint, inference), "evaluation_s": seconds for reading, scoring and writing}; None on
     other torchrun ranks."""
-    from slsd_cli import evaluation, results
+    from slsd_cli.evaluation import metrics as evaluation
+    from slsd_cli.data import results
     from slsd_cli.data.lvis import load_annotations
 
     started = time.perf_counter()
@@ -138,14 +139,15 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any] | None:
 def _predict(cfg: EvalConfig) -> tuple[Any, FileSet | None]:
     """--checkpoint: the detector's detections.json, staged in the output set (sharded under
     torchrun; rank 0 merges). -> (annotations, the set) on rank 0, (annotations, None) elsewhere."""
-    from slsd_cli import distributed, inference
+    from slsd_cli import distributed
     from slsd_cli.data.lvis import load_annotations
+    from slsd_cli.inference import sharded as inference
+    from slsd_cli.inference.predictor import load_predictor
 
     det_out = cfg.detections_out
     with distributed.session() as dist:
         ann = load_annotations(cfg.annotations)
-        predictor = inference.load_predictor(cfg.checkpoint, cfg.model, dist.device, image_size=cfg.image_size,
-                                             amp=cfg.amp)
+        predictor = load_predictor(cfg.checkpoint, cfg.model, dist.device, image_size=cfg.image_size, amp=cfg.amp)
         # detections.json and metrics.json are one set: staged, renamed into place together (io.FileSet)
         outputs = FileSet([det_out, cfg.metrics_out], cfg.force, main=dist.is_main)
         try:

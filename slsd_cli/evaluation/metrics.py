@@ -9,9 +9,9 @@ faster-coco-eval, though its kernels are C++, still visits every (image, categor
 (1,203 classes) both spend most of their time on pairs that hold nothing. Here the work is laid
 out as arrays:
 
-1. detections (`slsd_cli.results.Detections`, read and validated by `results.read_results`) and
+1. detections (`slsd_cli.data.results.Detections`, read and validated by `results.read_results`) and
    ground truth are sorted once by (image, category, -score) and grouped into pairs; IoUs are
-   computed only for pairs that hold both, with bit-identical values (`slsd_cli.matching`);
+   computed only for pairs that hold both, with bit-identical values (`slsd_cli.evaluation.matching`);
 2. the greedy matching (`matching.match`, shared with `slsd calibrate`) runs for all pairs, all
    10 IoU thresholds and all 4 area ranges at once, one detection rank at a time;
 3. precision/recall are accumulated per category with cumulative sums, exactly as the official
@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from slsd_cli import matching
+from slsd_cli.evaluation import matching
 from slsd_cli.errors import InputError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from slsd_cli.data.lvis import Annotations, Protocol
-    from slsd_cli.results import Detections
+    from slsd_cli.data.results import Detections
 
 IOU_TYPES = ("bbox", "segm")
 # Exactly the official parameter arrays (np.arange would drift).
@@ -95,7 +95,7 @@ def evaluate(annotations: "Annotations", detections: "Detections | list[dict]", 
             raise InputError(f"unknown IoU type {iou_type!r} (use bbox and/or segm)")
     if max_dets <= 0:
         raise InputError(f"--max-dets must be positive, got {max_dets}")
-    from slsd_cli.results import Detections, from_records
+    from slsd_cli.data.results import Detections, from_records
 
     if not isinstance(detections, Detections):
         detections = from_records(detections, annotations, path or "<detections>")

@@ -16,9 +16,9 @@ owns what must be the same everywhere:
 Tensor contract: `images` float/uint8 [B, 3, H, W] RGB 0..255, zero-padded at the bottom/right;
 `image_sizes[i]` the valid (h, w) of image i. `predict` -> `CascadeMaskRCNN.predict`'s dicts.
 Sharded results writing (a results json over an annotations file's images) is
-`slsd_cli.inference.predict_to_results`.
+`slsd_cli.inference.sharded.predict_to_results`.
 
-`slsd predict` is `run_predict(PredictConfig(...))`: a run over a folder / glob / image list ->
+`slsd predict` (`slsd_cli.inference.predict`) is `run_predict(PredictConfig(...))`: a run over a folder / glob / image list ->
 `cfg.out` (results json, RLE masks) + `OUT.images.json` (the images and categories), optionally one
 rendered PNG per image in `cfg.render`.
 """
@@ -26,8 +26,6 @@ rendered PNG per image in `cfg.render`.
 from __future__ import annotations
 
 import contextlib
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -74,12 +72,12 @@ class Predictor:
                  image_size: int | None = None, amp: str = "auto") -> "Predictor":
         """Load a run's student (RUN/) or teacher (RUN/teacher/), or a model.safetensors file."""
         from slsd_cli import distributed
-        from slsd_cli.inference import resolve_checkpoint
+        from slsd_cli.run_dir import resolve_model
         from slsd_cli.model.weights import load_detector
 
         if device is None:
             device = distributed.init().device
-        model, meta = load_detector(resolve_checkpoint(run, kind), device)
+        model, meta = load_detector(resolve_model(run, kind), device)
         return cls(model, [c["id"] for c in meta["categories"]], categories=meta["categories"],
                    image_size=image_size, amp=amp, meta=meta)
 
@@ -148,60 +146,7 @@ class Predictor:
         return int(self.model.backbone.feature_dim)
 
 
-# ---------------------------------------------------------------------- slsd predict
-
-
-@dataclass
-class PredictConfig:
-    checkpoint: Path  # a run directory or a model.safetensors
-    images: list[str]  # folders, glob patterns, image files or image-list jsons
-    out: Path  # results json; OUT.images.json goes beside it
-    model: str = "student"  # a distillation run's student (RUN/) or teacher (RUN/teacher/)
-    images_dir: Path | None = None  # base of an image-list json's relative names (default: its folder)
-    score: float | None = None  # default: the model's test_score_threshold
-    max_dets: int = 300
-    image_size: int | None = None  # default: the model's
-    batch_size: int = 1
-    amp: str = "auto"
-    render: Path | None = None  # folder for one drawn PNG per image
-    render_score: float = 0.5
-    workers: int = 0
-    device: str = "auto"
-    force: bool = False
-
-
-def run_predict(cfg: PredictConfig) -> dict[str, Any] | None:
-    """Check the inputs and outputs, predict (sharded under torchrun), render on rank 0.
-    -> {"results", "images_index", "drawings", "predict_s", "render_s"} on rank 0, None elsewhere."""
-    from slsd_cli import distributed, inference
-    from slsd_cli.io import check_output
-
-    started = time.perf_counter()
-    if not cfg.images:
-        raise InputError("give at least one image folder, glob, image file or image-list json")
-    if cfg.score is not None and not 0.0 <= cfg.score <= 1.0:
-        raise InputError(f"--score must be in [0, 1], got {cfg.score}")
-    if not 0.0 <= cfg.render_score <= 1.0:
-        raise InputError(f"--render-score must be in [0, 1], got {cfg.render_score}")
-    if cfg.max_dets < 1 or cfg.batch_size < 1 or cfg.workers < 0:
-        raise InputError("--max-dets and --batch-size must be >= 1, --workers >= 0")
-    index_path = inference.images_index_path(cfg.out)
-    check_output(cfg.out, cfg.force)
-    check_output(index_path, cfg.force)
-    with distributed.session(cfg.device) as dist:
-        predictor = Predictor.from_run(cfg.checkpoint, cfg.model, device=dist.device, image_size=cfg.image_size,
-                                       amp=cfg.amp)
-        results, index = inference.predict_images(predictor, list(cfg.images), cfg.out, images_dir=cfg.images_dir,
-                                                  batch_size=cfg.batch_size, max_dets=cfg.max_dets,
-                                                  score_threshold=cfg.score, num_workers=cfg.workers)
-        if not dist.is_main:
-            return None
-    predicted = time.perf_counter()
-    drawings = 0
-    if cfg.render is not None:
-        drawings = inference.render_predictions(results, index, cfg.render, score=cfg.render_score, force=cfg.force)
-    return {"results": results, "images_index": index, "drawings": drawings, "predict_s": predicted - started,
-            "render_s": time.perf_counter() - predicted}
-
-
-__all__ = ["AMP_CHOICES", "PredictConfig", "Predictor", "autocast_dtype", "run_predict"]
+def load_predictor(run: str | Path, kind: str = "student", device: str | torch.device | None = None,
+                   image_size: int | None = None, amp: str = "auto"):
+    """A `Predictor` for a run's student (default) or teacher."""
+    return Predictor.from_run(run, kind, device=device, image_size=image_size, amp=amp)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from slsd_cli.errors import InputError
 from slsd_cli.io import check_output
 from slsd_cli.labels.calibration import calibrate_detections, write_calibration
-from slsd_cli.results import Detections, from_records
+from slsd_cli.data.results import Detections, from_records
 
 if TYPE_CHECKING:
     from slsd_cli.data.lvis import Annotations
@@ -46,7 +46,7 @@ class CalibrateConfig:
 
     def validate(self) -> None:
         """The option combinations; an InputError names the first one that is wrong."""
-        from slsd_cli.eval_pipeline import check_detections_or_checkpoint
+        from slsd_cli.evaluation.pipeline import check_detections_or_checkpoint
 
         check_detections_or_checkpoint(self.detections, self.checkpoint, self.images, "the held-out images")
         if self.iou <= 0:
@@ -62,7 +62,7 @@ def run_calibrate(cfg: CalibrateConfig) -> dict | None:
     detector sharded under torchrun inside one `distributed.session()` (every rank gets the
     detections), then compute and write `cfg.out` on rank 0. -> {"calibration": what was written,
     "annotations_s", "detections_s", "compute_s": seconds of each stage} on rank 0, None elsewhere."""
-    from slsd_cli import results
+    from slsd_cli.data import results
     from slsd_cli.data.lvis import load_annotations
     from slsd_cli.progress import warn
 
@@ -92,9 +92,9 @@ def run_calibrate(cfg: CalibrateConfig) -> dict | None:
 
 
 def _checkpoint_detections(cfg: CalibrateConfig, ann: "Annotations", device) -> Detections:
-    """Detections of an slsd detector run over the annotations' images (slsd_cli.inference), its
+    """Detections of an slsd detector run over the annotations' images (slsd_cli.inference.sharded), its
     temporaries in a scratch folder beside `cfg.out`."""
-    from slsd_cli import inference
+    from slsd_cli.inference import sharded as inference
 
     records = inference.predict_results(cfg.checkpoint, ann, cfg.images, batch_size=cfg.batch_size,
                                         image_size=cfg.image_size, model_kind=cfg.model, device=device, amp=cfg.amp,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from slsd_cli.commands import demo_pipeline
+from slsd_cli.demo import pipeline as demo_pipeline
 from slsd_cli.cli import main
 from slsd_cli.demo.pipeline import run_demo
 from slsd_cli.demo import table

@@ -11,7 +11,7 @@ from slsd_cli.progress import info, progress, show
 
 
 def synth(
-    out_dir: Path = typer.Argument(..., help="Output folder: train/val/pool/pool_gt/classes json + images/."),
+    out_dir: Path = typer.Argument(..., help="Output folder: train/val/pool/pool_gt/classes/calib json + images/."),
     classes: int = typer.Option(40, "--classes", help="Number of classes (3-256; shape x colour x texture)."),
     train_images: Optional[int] = typer.Option(
         None, "--train-images", help="Labeled images (default: 500 for 40 classes, scaled with --classes)."),
@@ -19,6 +19,9 @@ def synth(
         None, "--val-images", help="Validation images (default: 100 for 40 classes, scaled with --classes)."),
     pool_images: Optional[int] = typer.Option(
         None, "--pool-images", help="Unlabeled pool images (default: 300 for 40 classes, scaled with --classes)."),
+    calib_images: Optional[int] = typer.Option(
+        None, "--calib-images", help="Images of the calibration split calib.json, for slsd calibrate: disjoint "
+        "from the others, >= 5 images of every class (default: as many as --val-images)."),
     image_size: int = typer.Option(128, "--image-size", help="Square image side in pixels."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed writes the same bytes."),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs in OUT_DIR."),
@@ -31,6 +34,8 @@ def synth(
 
     Other commands take --images OUT_DIR/images (file_name in every json is relative to it).
 
+    calib.json is a calibration split (>= 5 images of every class) for slsd calibrate --annotations.
+
     Example: slsd synth data/synth --classes 40 --seed 0
     """
     from slsd_cli.data import synthetic
@@ -38,7 +43,7 @@ def synth(
     with progress(transient=True) as bar:
         summary = synthetic.generate(out_dir, classes=classes, train_images=train_images, val_images=val_images,
                                      pool_images=pool_images, image_size=image_size, seed=seed, force=force,
-                                     progress=bar)
+                                     progress=bar, calib_images=calib_images)
     print_summary(summary)
 
 

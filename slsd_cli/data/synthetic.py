@@ -29,6 +29,12 @@ No machine here can download LVIS, so `slsd synth` draws one with the same probl
   unlabeled pool: images, an empty annotation list) with its hidden ground truth in `pool_gt.json`. The pool draws its
   classes from a much flatter distribution (weight ~ training image count ** 0.25) and 10 % of its
   images are background only, so it holds many more rare-class instances than the labeled set.
+* **A calibration split**, `calib.json`: labeled images disjoint from train, val and the pool, drawn
+  by val's rule (>= 5 images of every class, otherwise proportional to the training counts; as many
+  images as val unless `calib_images` says otherwise), for `slsd calibrate` (Eq. 4): a held-out
+  split cut from train.json holds no image of most rare classes, and their Delta is then only minus
+  their mean score. Its memberships and pixels come from random streams of their own, so adding it
+  left every other output byte for byte as it was.
 * **Exhaustive labels.** Every object is annotated, so every class absent from an image is a
   verified negative: `neg_category_ids` lists them all and `not_exhaustive_category_ids` is empty
   (train, val and pool_gt; `pool.json` knows nothing, both lists are empty there).
@@ -36,12 +42,12 @@ No machine here can download LVIS, so `slsd synth` draws one with the same probl
 
 Layout of OUT_DIR (pass `--images OUT_DIR/images` to the other commands)::
 
-    train.json val.json pool.json pool_gt.json classes.json
-    images/train_000000.png ... images/val_000000.png ... images/pool_000000.png ...
+    train.json val.json pool.json pool_gt.json classes.json calib.json
+    images/train_000000.png ... images/val_000000.png ... images/pool_000000.png ... images/calib_000000.png ...
 
 `file_name` in every json is the bare file name, relative to `OUT_DIR/images`. Image ids and
-annotation ids are unique across all splits (train, then val, then pool). Same seed and options,
-same bytes (PNG written by Pillow without metadata, json with a fixed key order).
+annotation ids are unique across all splits (train, then val, then pool, then calib). Same seed and
+options, same bytes (PNG written by Pillow without metadata, json with a fixed key order).
 """
 
 from __future__ import annotations
@@ -107,7 +113,8 @@ POOL_MEAN_CLASSES = 3.5
 EXTRA_INSTANCE_PROBS = (0.2, 0.05)  # P(a second instance of a class in an image), P(a third)
 MIN_IMAGE_SIZE = 32
 
-OUTPUT_FILES = ("train.json", "val.json", "pool.json", "pool_gt.json", "classes.json")
+CALIB_FILE = "calib.json"  # not calibration.json: that name is `slsd calibrate`'s output
+OUTPUT_FILES = ("train.json", "val.json", "pool.json", "pool_gt.json", "classes.json", CALIB_FILE)
 IMAGES_DIR = "images"
 
 
@@ -454,7 +461,8 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 # ---------------------------------------------------------------- the whole dataset
 
 
-def _check_args(classes: int, train_images: int, val_images: int, pool_images: int, image_size: int) -> None:
+def _check_args(classes: int, train_images: int, val_images: int, pool_images: int, image_size: int,
+                calib_images: int) -> None:
     if not 3 <= classes <= MAX_CLASSES:
         raise InputError(f"--classes must be between 3 (one per r/c/f group) and {MAX_CLASSES} "
                          f"({len(SHAPES)} shapes x {len(COLOURS)} colours x {len(TEXTURES)} textures), got {classes}")
@@ -464,9 +472,10 @@ def _check_args(classes: int, train_images: int, val_images: int, pool_images: i
         raise InputError(f"--pool-images must be at least 1, got {pool_images}")
     counts = train_image_counts(classes, train_images)
     need = min_val_images(counts, train_images)
-    if val_images < need:
-        raise InputError(f"--val-images {val_images} is too few for {classes} classes with >= 5 val images "
-                         f"each; use at least {need}")
+    for option, value in (("--val-images", val_images), ("--calib-images", calib_images)):
+        if value < need:
+            raise InputError(f"{option} {value} is too few for {classes} classes with >= 5 images each; "
+                             f"use at least {need}")
 
 
 def _split_records(split: str, memberships: list[list[int]], classes: list[SynthClass], size: int,
@@ -508,12 +517,12 @@ def _group_shares(annotations: list[dict], group_of: dict[int, str]) -> dict[str
 
 def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = None, val_images: int | None = None,
              pool_images: int | None = None, image_size: int = 128, seed: int = 0, force: bool = False,
-             progress=None) -> dict:
+             progress=None, calib_images: int | None = None) -> dict:
     """Write the synthetic long-tail benchmark to `out_dir` (layout in the module docstring).
 
-    Sizes left as None take `default_sizes(classes)` (500 / 100 / 300 images for 40 classes).
-    Existing outputs (the five json files or `images/`) need `force=True`; other files in
-    `out_dir` are left alone. `images/` and the json files are one set (`io.FileSet`): staged beside
+    Sizes left as None take `default_sizes(classes)` (500 / 100 / 300 images for 40 classes);
+    `calib_images` None takes val's size. Existing outputs (the six json files or `images/`) need
+    `force=True`; other files in `out_dir` are left alone. `images/` and the json files are one set (`io.FileSet`): staged beside
     them and renamed into place together, so a failure or a kill never leaves part of them.
     `progress` is an optional rich Progress. Returns a summary dict.
     """
@@ -523,7 +532,8 @@ def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = 
     train_images = auto_train if train_images is None else int(train_images)
     val_images = auto_val if val_images is None else int(val_images)
     pool_images = auto_pool if pool_images is None else int(pool_images)
-    _check_args(classes, train_images, val_images, pool_images, image_size)
+    calib_images = val_images if calib_images is None else int(calib_images)
+    _check_args(classes, train_images, val_images, pool_images, image_size, calib_images)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError("output exists and is not a directory", path=out_dir)
     for name in (*OUTPUT_FILES, IMAGES_DIR):
@@ -537,11 +547,14 @@ def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = 
     train_members = _assign_exact(train_counts, train_images, rng, "train")
     val_members = _assign_exact(val_counts, val_images, rng, "val")
     pool_members = _assign_pool(train_counts.astype(np.float64) ** POOL_FLATTEN, pool_images, rng)
+    # the calibration split draws from its own stream, after the others: they stay as they were
+    calib_counts = val_image_counts(train_counts, train_images, calib_images)
+    calib_members = _assign_exact(calib_counts, calib_images, np.random.default_rng([seed, 3]), "calib")
 
     info = {"description": "slsd synthetic long-tail instance segmentation benchmark", "version": FORMAT_VERSION,
             "seed": seed, "classes": classes, "image_size": image_size, "train_images": train_images,
             "val_images": val_images, "pool_images": pool_images}
-    total = train_images + val_images + pool_images
+    total = train_images + val_images + pool_images + calib_images
     task = progress.add_task("synth", total=total, status="") if progress is not None else None
 
     def tick() -> None:
@@ -550,7 +563,7 @@ def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = 
 
     remove_leftovers(out_dir, ".images.*.tmp", ".images.old.*")  # staging of older versions, if killed
     images_dir = out_dir / IMAGES_DIR
-    # images/ and the five json files appear together or not at all (staged, then renamed into place)
+    # images/ and the six json files appear together or not at all (staged, then renamed into place)
     outputs = FileSet([images_dir, *(out_dir / name for name in OUTPUT_FILES)], force)
     staging = make_dirs(outputs.stage(images_dir))
     with outputs, output_errors(images_dir, staging):  # disk full, read-only: the one-line error
@@ -562,6 +575,10 @@ def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = 
                                             1 + len(train_anns), staging, 11, True, tick)
         pool_imgs, pool_anns = _split_records("pool", pool_members, class_list, image_size, seed, first_pool_id,
                                               1 + len(train_anns) + len(val_anns), staging, 12, True, tick)
+        calib_imgs, calib_anns = _split_records("calib", calib_members, class_list, image_size, seed,
+                                                first_pool_id + pool_images,
+                                                1 + len(train_anns) + len(val_anns) + len(pool_anns), staging, 13,
+                                                True, tick)
         base_categories = [{"id": c.id, "name": c.name, "synonyms": [c.name],
                             "def": f"a {c.colour} {c.texture} {c.shape}", "shape": c.shape, "colour": c.colour,
                             "texture": c.texture} for c in class_list]
@@ -575,6 +592,8 @@ def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = 
         pool = {"info": {**info, "split": "pool"},
                 "images": [{**img, "neg_category_ids": [], "not_exhaustive_category_ids": []} for img in pool_imgs],
                 "annotations": [], "categories": categories}
+        calib = {"info": {**info, "split": "calib", "calib_images": calib_images}, "images": calib_imgs,
+                 "annotations": calib_anns, "categories": categories}
         group_of = {c["id"]: c["frequency"] for c in categories}
         classes_doc = {
             "info": info,
@@ -587,12 +606,13 @@ def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = 
             "similarity": attribute_similarity(class_list),
         }
         docs = {"classes.json": classes_doc, "train.json": train, "val.json": val, "pool.json": pool,
-                "pool_gt.json": pool_gt}
+                "pool_gt.json": pool_gt, CALIB_FILE: calib}
         for name in OUTPUT_FILES:
             atomic_write_json(outputs.stage(out_dir / name), docs[name])
 
     groups = Counter(group_of.values())
-    splits = {"train": (train_imgs, train_anns), "val": (val_imgs, val_anns), "pool_gt": (pool_imgs, pool_anns)}
+    splits = {"train": (train_imgs, train_anns), "val": (val_imgs, val_anns), "pool_gt": (pool_imgs, pool_anns),
+              "calib": (calib_imgs, calib_anns)}
     return {
         "out_dir": str(out_dir),
         "images_dir": str(images_dir),

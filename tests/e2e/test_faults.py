@@ -133,8 +133,8 @@ def _synth_args(world, out: Path, *extra: str) -> list[str]:
 
 
 SETS = {  # command -> (argument builder, its outputs in commit order, files whose bytes are reproducible)
-    "synth": (_synth_args, ["images", "train.json", "val.json", "pool.json", "pool_gt.json", "classes.json"],
-              ["train.json", "pool_gt.json", "classes.json"]),
+    "synth": (_synth_args, ["images", "train.json", "val.json", "pool.json", "pool_gt.json", "classes.json",
+                            "calib.json"], ["train.json", "pool_gt.json", "classes.json", "calib.json"]),
     "split": (_split_args, ["train.json", "holdout.json", "train_frac0.5.json"],
               ["train.json", "holdout.json", "train_frac0.5.json"]),
     "eval": (_eval_args, ["detections.json", "metrics.json"], ["detections.json"]),

@@ -40,17 +40,19 @@ def test_round_trip_loads_and_images_exist(small):
     assert train.protocol == val.protocol == pool_gt.protocol == "lvis"
     assert len(train.images) == SMALL["train_images"] and len(val.images) == SMALL["val_images"]
     assert len(pool.images) == len(pool_gt.images) == SMALL["pool_images"]
+    calib = load_annotations(out / "calib.json")
+    assert len(calib.images) == SMALL["val_images"] and calib.protocol == "lvis"  # val's size by default
     assert pool.annotations == [] and len(pool_gt.annotations) > 0
     assert [c["id"] for c in pool.categories] == train.category_ids == val.category_ids
     # the other files carry the training counts and groups (as LVIS val does)
     assert pool_gt.frequencies() == val.frequencies() == train.frequencies()
-    ids = [i for a in (train, val, pool) for i in a.images]
+    ids = [i for a in (train, val, pool, calib) for i in a.images]
     assert len(ids) == len(set(ids)), "image ids are unique across splits"
-    ann_ids = [x["id"] for a in (train, val, pool_gt) for x in a.annotations]
+    ann_ids = [x["id"] for a in (train, val, pool_gt, calib) for x in a.annotations]
     assert len(ann_ids) == len(set(ann_ids))
     files = sorted(p.name for p in (out / "images").iterdir())
-    assert files == sorted(img["file_name"] for a in (train, val, pool) for img in a.images.values())
-    for a in (train, val, pool):
+    assert files == sorted(img["file_name"] for a in (train, val, pool, calib) for img in a.images.values())
+    for a in (train, val, pool, calib):
         for image_id in list(a.images)[:5]:
             with Image.open(a.image_file(image_id, out / "images")) as im:
                 assert im.size == (SMALL["image_size"], SMALL["image_size"]) and im.mode == "RGB"
@@ -94,11 +96,31 @@ def test_curve_follows_lvis_shares():
     assert counts.max() <= 0.4 * 500 and np.all(np.diff(counts) >= 0)
 
 
-def test_val_has_five_instances_per_class(small):
+@pytest.mark.parametrize("name", ["val.json", "calib.json"])
+def test_val_and_calib_have_five_images_per_class(small, name):
     out, _ = small
-    val = load_annotations(out / "val.json")
-    per_class = Counter(a["category_id"] for a in val.annotations)
-    assert all(per_class[cid] >= 5 for cid in val.category_ids)
+    data = load_annotations(out / name)
+    per_class = Counter(a["category_id"] for a in data.annotations)
+    images = Counter(c for image_id in data.images for c in {a["category_id"] for a in data.anns_by_image.get(image_id, [])})
+    assert all(images[cid] >= 5 and per_class[cid] >= images[cid] for cid in data.category_ids)
+    assert data.frequencies() == load_annotations(out / "train.json").frequencies()  # the training groups
+    for image_id, img in data.images.items():  # exhaustive: every absent class a verified negative
+        present = {a["category_id"] for a in data.anns_by_image.get(image_id, [])}
+        assert set(img["neg_category_ids"]) == set(data.category_ids) - present
+
+
+def test_calib_split_leaves_the_other_outputs_as_they_were(tmp_path):
+    """The calibration split draws from streams of its own: its size changes no other byte."""
+    tiny = dict(classes=3, train_images=255, val_images=5, pool_images=3, image_size=32, seed=2)
+    synthetic.generate(tmp_path / "a", **tiny)
+    synthetic.generate(tmp_path / "b", calib_images=7, **tiny)
+    a, b = tree_hashes(tmp_path / "a"), tree_hashes(tmp_path / "b")
+    others = {k for k in a if "calib" not in k}
+    assert {k: a[k] for k in others} == {k: b[k] for k in others} and len(others) == 5 + 255 + 5 + 3
+    assert a["calib.json"] != b["calib.json"]
+    assert len(json.loads((tmp_path / "b" / "calib.json").read_text())["images"]) == 7
+    with pytest.raises(synthetic.InputError, match="--calib-images 4 is too few"):
+        synthetic.generate(tmp_path / "c", calib_images=4, **tiny)
 
 
 def test_pool_is_richer_in_rare_classes(small):

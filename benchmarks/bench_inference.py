@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout too
 
-from slsd_cli.model import CascadeMaskRCNN, ModelConfig, to_results  # noqa: E402
+from slsd_cli.model import ModelConfig, build_model, to_results  # noqa: E402
 from slsd_cli.inference.predictor import Predictor  # noqa: E402
 
 ASPECTS = [(1.0, 0.75), (0.667, 1.0), (1.0, 1.0), (0.5625, 1.0), (1.0, 0.8), (0.75, 1.0), (1.0, 0.5)]  # (h, w)
@@ -48,7 +48,7 @@ def infer_check(args) -> int:
         cfg = dataclasses.replace(cfg, fpn_channels=64, box_head_conv_dim=64, box_head_fc_dim=256,
                                   mask_head_channels=64, rpn_post_nms_topk_test=200)
     torch.manual_seed(0)
-    model = CascadeMaskRCNN(cfg, args.num_classes).to(device).eval()
+    model = build_model(cfg, args.num_classes).to(device).eval()
     amp = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[args.dtype]
     predictor = Predictor(model, list(range(1, args.num_classes + 1)), amp=amp)
     params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout too
 
-from slsd_cli.model import CascadeMaskRCNN, ModelConfig, tiny_cnn_config  # noqa: E402
+from slsd_cli.model import ModelConfig, build_model, tiny_cnn_config  # noqa: E402
 
 
 def random_batch(batch: int, size: int, num_classes: int, boxes_per_image: int, device: str,
@@ -76,7 +76,7 @@ def bench_cpu(args) -> None:
         cases = cases[:2]
     for name, cfg, size, num_classes, batch in cases:
         torch.manual_seed(0)
-        model = CascadeMaskRCNN(cfg, num_classes).train()
+        model = build_model(cfg, num_classes).train()
         images, targets = random_batch(batch, size, num_classes, 8, "cpu", g)
         sizes = [(size, size)] * batch
 
@@ -112,7 +112,7 @@ def train_check(args) -> int:
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     counts = (1 + 5000 * torch.rand(args.num_classes, generator=g) ** 4).long().tolist()  # long-tailed
-    model = CascadeMaskRCNN(cfg, args.num_classes, counts).to(device).train()
+    model = build_model(cfg, args.num_classes, counts).to(device).train()
     from slsd_cli.engine.optim import build_optimizer
 
     opt = build_optimizer(model, lr=1e-4, weight_decay=0.1, layer_decay=0.8)

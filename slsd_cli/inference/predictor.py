@@ -145,6 +145,11 @@ class Predictor:
     def feature_dim(self) -> int:
         return int(self.model.backbone.feature_dim)
 
+    def square_canvas(self) -> int | None:
+        """The side of the square every input is padded to (a ViT backbone: `canvas`), or None for
+        a backbone that pads only to its size divisibility (a CNN)."""
+        return self.canvas if self.model.backbone.square_canvas else None
+
 
 def load_predictor(run: str | Path, kind: str = "student", device: str | torch.device | None = None,
                    image_size: int | None = None, amp: str = "auto"):

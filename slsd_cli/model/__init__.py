@@ -1,7 +1,9 @@
 """Cascade Mask R-CNN with an EVA-02 (windowed ViT + simple feature pyramid) or timm CNN + FPN backbone.
 
-Files: model_config.py (ModelConfig, the recipe's `model:` section), backbone.py, rpn.py, cascade.py,
-mask_head.py, losses.py, box_coder.py, proposal_matching.py, poolers.py, detector.py (CascadeMaskRCNN),
+Files: model_config.py (ModelConfig, the recipe's `model:` section), backbone.py (the ViT and CNN
+families, build_backbone), eva02.py (the EVA-02 trunk), backbone_weights.py (their starting weights),
+rpn.py, cascade.py, mask_head.py, losses.py, box_coder.py, proposal_matching.py, poolers.py,
+detector.py (build_model, CascadeMaskRCNN), timm_models.py, convert_detectron2.py,
 postprocess.py (paste_masks, to_results), weights.py (save_detector, load_detector, build_detector).
 See each module's docstring.
 
@@ -16,7 +18,8 @@ from typing import Any
 
 _HOME = {
     "ModelConfig": "model_config", "tiny_cnn_config": "model_config", "tiny_eva_config": "model_config",
-    "CascadeMaskRCNN": "detector", "paste_masks": "postprocess", "to_results": "postprocess",
+    "CascadeMaskRCNN": "detector", "build_model": "detector", "build_backbone": "backbone",
+    "paste_masks": "postprocess", "to_results": "postprocess",
     "build_detector": "weights", "load_detector": "weights", "save_detector": "weights",
 }
 

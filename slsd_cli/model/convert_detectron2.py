@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from slsd_cli.errors import InputError
-from slsd_cli.model.backbone import resample_pos_embed
+from slsd_cli.model.eva02 import resample_pos_embed
 from slsd_cli.model.model_config import ModelConfig
 
 NET = "backbone.net."
@@ -146,7 +146,7 @@ def key_map(cfg: ModelConfig, num_stages: int) -> dict[str, str]:
 
 
 def _preset(cfg: ModelConfig):
-    from slsd_cli.model.backbone import EVA_PRESETS
+    from slsd_cli.model.eva02 import EVA_PRESETS
 
     if cfg.backbone not in EVA_PRESETS:
         raise InputError(f"the converter needs an EVA-02 backbone (eva02_large, eva02_base), got {cfg.backbone!r}",

@@ -1,8 +1,10 @@
 """Cascade Mask R-CNN: backbone + pyramid, RPN, cascade box heads, mask head.
 
 Public interface
-- `CascadeMaskRCNN(cfg, num_classes, class_image_counts=None)`; counts give the federated-loss
-  class weights image_count ** federated_power (uniform when None).
+- `build_model(cfg, num_classes, class_image_counts=None)` builds the parts (`build_backbone`, RPN,
+  cascade heads, mask head) and hands them to `CascadeMaskRCNN(cfg, backbone, rpn, roi_heads,
+  mask_pooler, mask_head)`; counts give the federated-loss class weights image_count **
+  federated_power (uniform when None).
 - `forward(images, image_sizes, targets)` (training): images float [B, 3, H, W] RGB 0..255, a padded
   batch (normalisation and zeroing of the padding happen inside); image_sizes the valid (h, w) of
   each image; targets[i] = {"boxes" [G,4] xyxy px, "labels" [G] long in 0..C-1, "masks" [G,h,w]
@@ -23,8 +25,8 @@ Public interface
 - `backbone_feature_map(images, image_sizes=None, canvas=None)` -> ([B, D, h, w], stride): the plain
   backbone map (ViT tokens / CNN stride-32 stage) for class prototypes, over the padded canvas.
 - Padding (`preprocess`): a ViT backbone always sees its square training canvas (side >= `canvas`,
-  default `image_size`; ViTDet's square padding), a CNN the size-divisible box (`Backbone.canvas`),
-  so an image's detections do not depend on the other images of its batch.
+  default `image_size`; ViTDet's square padding), a CNN the size-divisible box (`Backbone.canvas`,
+  `Backbone.square_canvas`), so an image's detections do not depend on the other images of its batch.
 - `layer_ids()` -> ({param name: layer id}, num_layers) for layer-wise lr decay
   (`engine.optim.param_groups`: lr scale = layer_decay ** (num_layers + 1 - id)); heads and
   pyramid have id num_layers + 1.
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slsd_cli.errors import InputError
-from slsd_cli.model.backbone import Backbone
+from slsd_cli.model.backbone import Backbone, build_backbone
 from slsd_cli.model.cascade import CascadeHeads
 from slsd_cli.model.model_config import ModelConfig
 from slsd_cli.model.losses import mask_loss
@@ -46,29 +48,44 @@ from slsd_cli.model.poolers import MultiLevelRoIAlign
 from slsd_cli.model.rpn import RPN
 
 
+def build_model(cfg: ModelConfig, num_classes: int, class_image_counts: list[int] | None = None
+                ) -> "CascadeMaskRCNN":
+    """Build the parts `cfg` describes (backbone with its starting weights, RPN, cascade box heads,
+    mask head; in this order, so a seed gives the same tensors) and hand them to the detector."""
+    if num_classes < 1:
+        raise InputError("a detector needs at least one class", record="model")
+    if class_image_counts is None:
+        weights = torch.ones(num_classes)
+    else:
+        if len(class_image_counts) != num_classes:
+            raise InputError(f"{len(class_image_counts)} class image counts for {num_classes} classes",
+                             record="model")
+        weights = torch.tensor([float(c) for c in class_image_counts]).clamp(min=0) ** cfg.federated_power
+    backbone = build_backbone(cfg)
+    strides, channels = backbone.strides, backbone.out_channels
+    rpn = RPN(cfg, channels, strides)
+    roi_heads = CascadeHeads(cfg, num_classes, channels, strides[:4], weights)
+    mask_pooler = MultiLevelRoIAlign(strides[:4], cfg.mask_pool_size, cfg.roi_sampling_ratio)
+    mask_head = MaskHead(channels, cfg.mask_head_convs, cfg.mask_head_channels, num_classes)
+    return CascadeMaskRCNN(cfg, backbone, rpn, roi_heads, mask_pooler, mask_head)
+
+
 class CascadeMaskRCNN(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_classes: int, class_image_counts: list[int] | None = None):
+    """The detector over parts built elsewhere (`build_model`), as torchvision's `GeneralizedRCNN`;
+    `cfg` gives its input normalisation and test-time settings."""
+
+    def __init__(self, cfg: ModelConfig, backbone: Backbone, rpn: RPN, roi_heads: CascadeHeads,
+                 mask_pooler: MultiLevelRoIAlign, mask_head: MaskHead):
         super().__init__()
-        if num_classes < 1:
-            raise InputError("a detector needs at least one class", record="model")
         self.cfg = cfg
-        self.num_classes = num_classes
-        if class_image_counts is None:
-            weights = torch.ones(num_classes)
-        else:
-            if len(class_image_counts) != num_classes:
-                raise InputError(f"{len(class_image_counts)} class image counts for {num_classes} classes",
-                                 record="model")
-            weights = torch.tensor([float(c) for c in class_image_counts]).clamp(min=0) ** cfg.federated_power
+        self.num_classes = roi_heads.num_classes
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
-        self.backbone = Backbone(cfg)
-        strides = self.backbone.strides
-        channels = self.backbone.out_channels
-        self.rpn = RPN(cfg, channels, strides)
-        self.roi_heads = CascadeHeads(cfg, num_classes, channels, strides[:4], weights)
-        self.mask_pooler = MultiLevelRoIAlign(strides[:4], cfg.mask_pool_size, cfg.roi_sampling_ratio)
-        self.mask_head = MaskHead(channels, cfg.mask_head_convs, cfg.mask_head_channels, num_classes)
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.mask_pooler = mask_pooler
+        self.mask_head = mask_head
 
     # ------------------------------------------------------------------ input
     def preprocess(self, images: Tensor, image_sizes: list[tuple[int, int]] | None,

@@ -30,7 +30,7 @@ from slsd_cli.errors import InputError
 from slsd_cli.io import (atomic_write_json, json_metadata, load_safetensors, make_dirs, read_json,
                          save_safetensors_atomic)
 from slsd_cli.model.model_config import NON_NETWORK_KEYS, WEIGHT_SOURCE_KEYS, ModelConfig
-from slsd_cli.model.detector import CascadeMaskRCNN
+from slsd_cli.model.detector import CascadeMaskRCNN, build_model
 
 FORMAT = "slsd-detector/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -63,11 +63,11 @@ def build_detector(cfg: ModelConfig, categories: list[dict]) -> CascadeMaskRCNN:
 
         warn("categories lack image_count: the federated loss samples classes uniformly")
     if cfg.init_from:  # every tensor comes from the run: no backbone download or weights file
-        model = CascadeMaskRCNN(dataclasses.replace(cfg, pretrained=False, weights=None), len(categories), counts)
+        model = build_model(dataclasses.replace(cfg, pretrained=False, weights=None), len(categories), counts)
         model.cfg = cfg
         init_from_run(model, cfg.init_from, categories)
         return model
-    return CascadeMaskRCNN(cfg, len(categories), counts)
+    return build_model(cfg, len(categories), counts)
 
 
 def init_from_run(model: CascadeMaskRCNN, run: str | Path, categories: list[dict]) -> None:

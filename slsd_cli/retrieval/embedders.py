@@ -199,9 +199,10 @@ class DetectorBackboneEmbedder(Embedder):
         self.input_size = (size, size)
         self.dim = self.predictor.feature_dim
         self.fingerprint = f"slsd:{file_digest(weights_file)}:{size}"
-        if self.predictor.model.backbone.is_vit and self.predictor.canvas != size:
+        square = self.predictor.square_canvas()
+        if square is not None and square != size:
             # a smaller input is padded to the ViT's square canvas now (its embeddings changed)
-            self.fingerprint += f":canvas{self.predictor.canvas}"
+            self.fingerprint += f":canvas{square}"
 
     def embed(self, images: Tensor) -> Tensor:
         features, _, extents = self.predictor.features(images.float())

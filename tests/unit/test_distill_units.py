@@ -127,10 +127,10 @@ def test_start_line_names_the_pseudo_label_rule():
 
 def test_unlabeled_image_without_pseudo_labels_gives_finite_background_loss(one_thread):
     from slsd_cli.model.model_config import tiny_cnn_config
-    from slsd_cli.model.detector import CascadeMaskRCNN
+    from slsd_cli.model.detector import build_model
 
     torch.manual_seed(0)
-    model = CascadeMaskRCNN(tiny_cnn_config(image_size=64, rois_per_image=16), num_classes=3)
+    model = build_model(tiny_cnn_config(image_size=64, rois_per_image=16), num_classes=3)
     model.train()
     images = torch.rand(2, 3, 64, 64) * 255
     labeled = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 36.0]]), "labels": torch.tensor([1]),

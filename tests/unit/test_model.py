@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from slsd_cli.typed_yaml import apply_overrides, from_dict, to_dict
 from slsd_cli.errors import InputError
-from slsd_cli.model import (CascadeMaskRCNN, ModelConfig, build_detector, load_detector, paste_masks,
+from slsd_cli.model import (ModelConfig, build_model, build_detector, load_detector, paste_masks,
                             save_detector, tiny_cnn_config, tiny_eva_config, to_results)
-from slsd_cli.model.backbone import Backbone, EVA02ViT
+from slsd_cli.model.backbone import build_backbone
+from slsd_cli.model.eva02 import EVA02ViT
 from slsd_cli.model.box_coder import BoxCoder
 from slsd_cli.model.losses import (federated_classes, gather_class_targets, sigmoid_classification_loss,
                                    softmax_classification_loss)
@@ -150,7 +151,7 @@ def test_backbone_weights_from_local_timm_file(tmp_path):
     path = tmp_path / "eva.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
     cfg = tiny_eva_config(vit_depth=2, global_blocks=[1], weights=str(path))
-    backbone = Backbone(cfg)
+    backbone = build_backbone(cfg)
     vit = backbone.trunk
     assert torch.equal(vit.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
     assert torch.equal(vit.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
@@ -166,14 +167,14 @@ def test_backbone_weights_from_local_timm_file(tmp_path):
     # a .pth holding {"model": state} (as EVA's releases) loads too
     pth = tmp_path / "eva.pth"
     torch.save({"model": src.state_dict()}, pth)
-    vit2 = Backbone(dataclasses.replace(cfg, weights=str(pth))).trunk
+    vit2 = build_backbone(dataclasses.replace(cfg, weights=str(pth))).trunk
     assert torch.equal(vit2.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)
     with pytest.raises(InputError, match="not found"):
-        Backbone(dataclasses.replace(cfg, weights=str(tmp_path / "missing.safetensors")))
+        build_backbone(dataclasses.replace(cfg, weights=str(tmp_path / "missing.safetensors")))
     bad = tmp_path / "other.safetensors"
     save_file({"foo": torch.zeros(3)}, str(bad))
     with pytest.raises(InputError):
-        Backbone(dataclasses.replace(cfg, weights=str(bad)))
+        build_backbone(dataclasses.replace(cfg, weights=str(bad)))
 
 
 def test_cnn_backbone_weights_from_local_file(tmp_path):
@@ -183,7 +184,7 @@ def test_cnn_backbone_weights_from_local_file(tmp_path):
     src = timm.create_model("resnet18")
     path = tmp_path / "r18.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
-    backbone = Backbone(tiny_cnn_config(weights=str(path)))
+    backbone = build_backbone(tiny_cnn_config(weights=str(path)))
     assert torch.equal(backbone.trunk.layer3[0].conv1.weight, src.layer3[0].conv1.weight)
 
 
@@ -200,12 +201,12 @@ def test_unavailable_pretrained_weights_are_an_input_error(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     for cfg in (tiny_eva_config(pretrained=True), tiny_cnn_config(pretrained=True)):
         with pytest.raises(InputError, match="cannot get pretrained weights.*model.weights=FILE"):
-            Backbone(cfg)
+            build_backbone(cfg)
 
 
 def test_unknown_backbone_is_an_input_error():
     with pytest.raises(InputError, match="unknown backbone"):
-        Backbone(tiny_cnn_config(backbone="no_such_net_xyz"))
+        build_backbone(tiny_cnn_config(backbone="no_such_net_xyz"))
 
 
 # ---------------------------------------------------------------------- losses
@@ -270,7 +271,7 @@ def _targets_for(targets: list[dict], num_classes: int, soft: bool = False) -> l
 def test_detector_one_hot_class_targets_equal_default_labels(data, classifier):
     images, targets = data
     torch.manual_seed(0)
-    model = CascadeMaskRCNN(tiny_cnn_config(classifier=classifier, use_federated=True, federated_num_classes=2),
+    model = build_model(tiny_cnn_config(classifier=classifier, use_federated=True, federated_num_classes=2),
                             3, [3, 5, 7])
     sizes = [(SIZE, SIZE)] * 2
     torch.manual_seed(1)
@@ -297,7 +298,7 @@ def test_detector_one_hot_class_targets_equal_default_labels(data, classifier):
 def test_losses_and_gradients_reach_every_head(data, make_cfg):
     images, targets = data
     torch.manual_seed(0)
-    model = CascadeMaskRCNN(make_cfg(), 3, [3, 5, 7]).train()
+    model = build_model(make_cfg(), 3, [3, 5, 7]).train()
     # second image: background only, and padded in the batch (valid 120 x 100)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
              "masks": torch.zeros(0, 120, 100, dtype=torch.bool), "loss_weight": 0.5}
@@ -316,7 +317,7 @@ def test_losses_and_gradients_reach_every_head(data, make_cfg):
 
 def test_background_only_batch_has_finite_losses():
     torch.manual_seed(0)
-    model = CascadeMaskRCNN(tiny_cnn_config(use_federated=True, federated_num_classes=2), 3, [1, 2, 3])
+    model = build_model(tiny_cnn_config(use_federated=True, federated_num_classes=2), 3, [1, 2, 3])
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
              "masks": torch.zeros(0, 64, 64, dtype=torch.uint8)}
     losses = model(torch.rand(2, 3, 64, 64) * 255, [(64, 64), (64, 64)], [empty, dict(empty)])
@@ -328,7 +329,7 @@ def test_background_only_batch_has_finite_losses():
 
 def test_bad_targets_are_input_errors(data):
     images, targets = data
-    model = CascadeMaskRCNN(tiny_cnn_config(), 3)
+    model = build_model(tiny_cnn_config(), 3)
     bad = dict(targets[0], boxes=targets[0]["boxes"].clone())
     bad["boxes"][0, 2] = bad["boxes"][0, 0]
     with pytest.raises(InputError, match="degenerate"):
@@ -346,7 +347,7 @@ def test_bad_targets_are_input_errors(data):
 def predictions(data):
     images, _ = data
     torch.manual_seed(0)
-    model = CascadeMaskRCNN(tiny_cnn_config(test_score_threshold=0.0, max_detections=50), 3)
+    model = build_model(tiny_cnn_config(test_score_threshold=0.0, max_detections=50), 3)
     sizes = [(SIZE, SIZE), (100, 120)]
     return model, model.predict(images, sizes), sizes
 
@@ -474,7 +475,7 @@ def test_save_load_round_trip_and_refusals(tmp_path, data):
 
 
 def test_layer_ids_and_param_groups():
-    model = CascadeMaskRCNN(tiny_eva_config(), 3)
+    model = build_model(tiny_eva_config(), 3)
     ids, num_layers = model.layer_ids()
     assert num_layers == 4
     assert ids["backbone.trunk.patch_embed.proj.weight"] == 0 and ids["backbone.trunk.pos_embed"] == 0
@@ -492,7 +493,7 @@ def test_layer_ids_and_param_groups():
             assert g["lr_scale"] == pytest.approx(0.8 ** (num_layers + 1 - ids[name]))
             if "norm" in name or name.endswith("pos_embed"):
                 assert g["weight_decay"] == 0.0, name
-    cnn_ids, cnn_layers = CascadeMaskRCNN(tiny_cnn_config(), 3).layer_ids()
+    cnn_ids, cnn_layers = build_model(tiny_cnn_config(), 3).layer_ids()
     assert cnn_layers == 4 and cnn_ids["backbone.trunk.conv1.weight"] == 0
     assert cnn_ids["backbone.trunk.layer4.0.conv1.weight"] == 4 and cnn_ids["rpn.head.objectness.weight"] == 5
 
@@ -500,7 +501,7 @@ def test_layer_ids_and_param_groups():
 def test_backbone_feature_map(data):
     images, _ = data
     for cfg, dim, stride in ((tiny_cnn_config(), 512, 32), (tiny_eva_config(), 64, 16)):
-        model = CascadeMaskRCNN(cfg, 3).eval()
+        model = build_model(cfg, 3).eval()
         with torch.no_grad():
             fmap, s = model.backbone_feature_map(images)
         assert s == stride and fmap.shape == (2, dim, SIZE // stride, SIZE // stride)

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from slsd_cli.model import CascadeMaskRCNN, tiny_cnn_config
+from slsd_cli.model import build_model, tiny_cnn_config
 from tests.helpers.shapes import box_ap50, draw_shapes
 
 SIZE = 128
@@ -28,7 +28,7 @@ def test_tiny_detector_overfits_eight_images():
         torch.manual_seed(0)
         images, targets = draw_shapes(n=8, size=SIZE, seed=0)
         sizes = [(SIZE, SIZE)] * len(images)
-        model = CascadeMaskRCNN(tiny_cnn_config(), num_classes=3)
+        model = build_model(tiny_cnn_config(), num_classes=3)
         untrained = box_ap50(model.predict(images, sizes), targets, SIZE)
         assert untrained < 0.3
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)

@@ -89,12 +89,12 @@ def test_one_name_for_detector_prototypes_and_embedder_offline(monkeypatch):
     assert torch.allclose(embedder.mean, torch.full_like(embedder.mean, 127.0))
     assert "packaged" in embedder.fingerprint and embedder.dim == 1280
 
-    from slsd_cli.model.backbone import Backbone
+    from slsd_cli.model.backbone import build_backbone
     from slsd_cli.model.model_config import tiny_cnn_config
-    pretrained = Backbone(tiny_cnn_config(backbone="efficientnet_lite0", pretrained=True))
+    pretrained = build_backbone(tiny_cnn_config(backbone="efficientnet_lite0", pretrained=True))
     assert torch.equal(pretrained.trunk.conv_stem.weight, reference)
     # the TF BatchNorm eps belongs to the architecture: a checkpoint rebuilt without weights matches
-    random = Backbone(tiny_cnn_config(backbone="efficientnet_lite0", pretrained=False))
+    random = build_backbone(tiny_cnn_config(backbone="efficientnet_lite0", pretrained=False))
     eps = {m.eps for m in pretrained.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert eps == {m.eps for m in random.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
     assert not torch.equal(random.trunk.conv_stem.weight, reference)

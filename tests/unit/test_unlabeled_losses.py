@@ -16,7 +16,7 @@ from torchvision.ops import box_iou
 
 from slsd_cli.model import cascade as cascade_module
 from slsd_cli.model import rpn as rpn_module
-from slsd_cli.model.detector import CascadeMaskRCNN
+from slsd_cli.model.detector import CascadeMaskRCNN, build_model
 from slsd_cli.model.proposal_matching import in_ignore_regions
 from slsd_cli.model.model_config import tiny_cnn_config
 
@@ -88,7 +88,7 @@ def _model(classifier: str) -> CascadeMaskRCNN:
     torch.manual_seed(0)
     cfg = dataclasses.replace(tiny_cnn_config(image_size=64, rois_per_image=32), classifier=classifier,
                               use_federated=False)
-    return CascadeMaskRCNN(cfg, num_classes=3).train()
+    return build_model(cfg, num_classes=3).train()
 
 
 def _same(a, b) -> bool:
@@ -131,7 +131,7 @@ def test_ignore_regions_zero_exactly_the_overlapping_background_rois(classifier,
 
 def test_no_ignore_boxes_is_the_exact_old_path(one_thread):
     torch.manual_seed(0)
-    model = CascadeMaskRCNN(tiny_cnn_config(image_size=64, rois_per_image=16), num_classes=3).train()
+    model = build_model(tiny_cnn_config(image_size=64, rois_per_image=16), num_classes=3).train()
     images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 255
     results = []
     for target in (_target(False), {**_target(False), "ignore_boxes": torch.zeros(0, 4)}):
@@ -143,7 +143,7 @@ def test_no_ignore_boxes_is_the_exact_old_path(one_thread):
 
 def test_rpn_does_not_sample_negative_anchors_in_ignore_regions(one_thread, monkeypatch):
     torch.manual_seed(0)
-    model = CascadeMaskRCNN(tiny_cnn_config(image_size=64), num_classes=3).train()
+    model = build_model(tiny_cnn_config(image_size=64), num_classes=3).train()
     images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 255
     seen = []
     real_sample = rpn_module.sample
@@ -203,7 +203,7 @@ def test_soft_background_reweights_only_background_rois(classifier, one_thread, 
 def test_background_scorers_score_boxes_as_the_cascade_does(classifier, one_thread):
     torch.manual_seed(0)
     cfg = dataclasses.replace(tiny_cnn_config(image_size=64), classifier=classifier)
-    model = CascadeMaskRCNN(cfg, num_classes=3).train()
+    model = build_model(cfg, num_classes=3).train()
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 255
     boxes = _proposals()[:10]
     scorers = model.background_scorers(images, [(64, 64), (64, 64)])

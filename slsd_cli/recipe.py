@@ -83,9 +83,12 @@ class TrainConfig:
 
 @dataclass
 class SmoothingConfig:
-    mode: Literal["none", "uniform", "similarity"] = "none"
+    # null (distillation only): the teacher run's smoothing, mode, ε, γ, τ and prototypes alike, so the
+    # student's labeled images keep the targets their teacher learned from
+    mode: Optional[Literal["none", "uniform", "similarity"]] = "none"
     epsilon: float = ranged(0.1, UNIT)        # smoothing mass ε (Eq. 3)
     gamma: float = ranged(1.5, NON_NEGATIVE)  # frequency exponent γ (Eq. 2)
+    temperature: float = ranged(1.0, POSITIVE)  # τ of Eq. 2, S_ij / (τ N_j^γ); 1 = the paper, < 1 sharpens S′
     prototypes: Optional[str] = None          # prototypes.safetensors (`slsd prototypes`)
 
 
@@ -109,6 +112,10 @@ class DistillConfig:
 
 
 # ---- evaluation during training (engine/periodic_eval.py)
+# the summary keys `slsd eval` reports (evaluation.metrics.summary_keys; APr/c/f on LVIS only), and AR@max_dets
+EVAL_METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
 @dataclass
 class EvalConfig:
     every: int = ranged(0, NON_NEGATIVE)      # iterations between evaluations (and at the end); 0 = off
@@ -118,9 +125,13 @@ class EvalConfig:
     max_dets: int = ranged(300, AT_LEAST_ONE)  # detections per image (LVIS rule: 300)
 
     def check(self) -> None:
+        # checked when the recipe loads, not at the first evaluation hours later; which keys the
+        # evaluation set's protocol reports (APr/c/f: LVIS only) is checked at launch
         iou_type, _, key = self.metric.partition("/")
-        if iou_type not in ("bbox", "segm") or not key:
-            raise ValueError(f"metric must be bbox/<key> or segm/<key> (e.g. segm/APr), got {self.metric!r}")
+        keys = (*EVAL_METRIC_KEYS, f"AR@{self.max_dets}")
+        if iou_type not in ("bbox", "segm") or key not in keys:
+            raise ValueError(f"metric must be bbox/<key> or segm/<key> with <key> one of {', '.join(keys)} "
+                             f"(e.g. segm/APr), got {self.metric!r}")
         if self.every and self.annotations is None:
             raise ValueError("every > 0 needs eval.annotations (held-out annotations json)")
 
@@ -173,6 +184,8 @@ def field_choices(key: str) -> tuple[str, ...]:
     for part in parents:
         cls = typing.get_type_hints(cls)[part]
     tp = typing.get_type_hints(cls)[leaf]
+    if typing.get_origin(tp) is typing.Union:  # Optional[Literal[...]]: the choices of the Literal
+        tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
 

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from slsd_cli.progress import info
-from slsd_cli.recipe import DISTILL_RECIPES, flag_help
+from slsd_cli.recipe import DISTILL_RECIPES, field_choices, flag_help
 
 TARGET_MODES = ("onehot", "soft")
 SCOPES = ("all", "predicted")
@@ -43,6 +43,15 @@ def distill(
     unsup_weight: Optional[float] = typer.Option(None, "--unsup-weight", help=flag_help(
         "distill.unsup_weight", "Weight of the unlabeled images' losses.", DISTILL_RECIPES)),
     ema: Optional[float] = typer.Option(None, "--ema", help=flag_help("distill.ema", "EMA decay of the teacher.", DISTILL_RECIPES)),
+    smoothing: Optional[str] = typer.Option(None, "--smoothing", help=flag_help(
+        "smoothing.mode", "The labeled images' label smoothing (null: the teacher run's, with its ε, γ, τ and "
+        "prototypes).", DISTILL_RECIPES)),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help=flag_help(
+        "smoothing.epsilon", "Labeled images' smoothing mass ε (Eq. 3), with --smoothing.", DISTILL_RECIPES)),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help=flag_help(
+        "smoothing.gamma", "Labeled images' frequency exponent γ (Eq. 2), with --smoothing.", DISTILL_RECIPES)),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help=flag_help(
+        "smoothing.temperature", "Labeled images' temperature τ of Eq. 2, with --smoothing.", DISTILL_RECIPES)),
     train_json: Optional[Path] = typer.Option(None, "--train-json", help="Labeled annotations (data.train_json; "
                                                                          "default: the teacher run's)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Labeled image folder (data.images)."),
@@ -68,15 +77,21 @@ def distill(
 
     check_choice("--targets", targets, TARGET_MODES)
     check_choice("--correction-scope", correction_scope, SCOPES)
+    check_choice("--smoothing", smoothing, field_choices("smoothing.mode"))
     if teacher is not None and teacher_alias is not None and teacher != teacher_alias:
         raise InputError("--checkpoint and --teacher (its old spelling) name different runs; give one")
     flags = {"distill.teacher": teacher or teacher_alias, "distill.unlabeled": unlabeled, "distill.unlabeled_images": unlabeled_images,
              "distill.calibration": calibration, "distill.targets": targets, "distill.lam": lam,
              "distill.correction_scope": correction_scope, "distill.threshold": threshold,
              "distill.unsup_weight": unsup_weight, "distill.ema": ema, "data.train_json": train_json,
-             "data.images": images, "smoothing.prototypes": prototypes, "train.iterations": iterations,
+             "data.images": images, "smoothing.prototypes": prototypes, "smoothing.mode": smoothing,
+             "smoothing.epsilon": epsilon, "smoothing.gamma": gamma, "smoothing.temperature": temperature,
+             "train.iterations": iterations,
              "train.seed": seed}
     loaded = load_recipe(recipe, list(overrides or []) + list(ctx.args), flags)
+    if loaded.smoothing.mode is None and (epsilon, gamma, temperature) != (None, None, None):
+        raise InputError("--epsilon / --gamma / --temperature need --smoothing MODE: with smoothing.mode null the "
+                         "labeled images take the teacher run's whole smoothing")
     result = engine.run(loaded, out_dir, resume=resume, force=force)
     info(f"student trained: {trained_line(result)} -> {out_dir}/model.safetensors (student), "
          f"{out_dir}/teacher/model.safetensors (EMA teacher)")

@@ -23,6 +23,9 @@ def train_teacher(
     smoothing: Optional[str] = typer.Option(None, "--smoothing", help=flag_help("smoothing.mode", "Label smoothing.")),
     epsilon: Optional[float] = typer.Option(None, "--epsilon", help=flag_help("smoothing.epsilon", "Smoothing mass ε (Eq. 3).")),
     gamma: Optional[float] = typer.Option(None, "--gamma", help=flag_help("smoothing.gamma", "Frequency exponent γ (Eq. 2).")),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help=flag_help(
+        "smoothing.temperature", "Temperature τ of Eq. 2, S_ij / (τ N_j^γ): 1 = the paper, below 1 the class "
+        "similarity shapes the targets more.")),
     prototypes: Optional[Path] = typer.Option(None, "--prototypes", help="prototypes.safetensors from "
                                                                          "`slsd prototypes`."),
     train_json: Optional[Path] = typer.Option(None, "--train-json", help="Labeled annotations (data.train_json)."),
@@ -47,6 +50,7 @@ def train_teacher(
 
     check_choice("--smoothing", smoothing, SMOOTHING_MODES)
     flags = {"smoothing.mode": smoothing, "smoothing.epsilon": epsilon, "smoothing.gamma": gamma,
+             "smoothing.temperature": temperature,
              "smoothing.prototypes": prototypes, "data.train_json": train_json, "data.images": images,
              "train.iterations": iterations, "train.seed": seed}
     loaded = load_recipe(recipe, list(overrides or []) + list(ctx.args), flags)

@@ -4,8 +4,8 @@
   of `classes.json` (`labels.similarity_check`);
 - calibration: ECE and the mean CCECE Δ per r/c/f group of a `calibration.json` (the paper's premise:
   frequent classes over-confident, Δ < 0; rare classes under-confident, Δ > 0);
-- pseudo-labels per unlabeled image, overall and per r/c/f group of the detected class, from a
-  distillation run's `metrics.jsonl`;
+- pseudo-labels per unlabeled image, overall and per r/c/f group of the detected class, and what
+  the calibration correction (Eq. 5) did to their targets, from a distillation run's `metrics.jsonl`;
 - retrieval: own-class enrichment of the neighbours (`retrieval.quality`) and the share of retrieved
   images holding a rare class against the whole pool's share.
 """
@@ -31,6 +31,34 @@ def pseudo_label_counts(metrics_path: str | Path) -> dict[str, float]:
     if not records:
         return {k: math.nan for k in _PSEUDO_KEYS}
     return {k: statistics.mean(float(r.get(key, 0.0)) for r in records) for k, key in _PSEUDO_KEYS.items()}
+
+
+def correction_effect(metrics_path: str | Path) -> dict[str, float] | None:
+    """What Eq. 5 did to the pseudo-labels of a distillation run, from its log windows (each weighted
+    by its pseudo-labels): per r/c/f group of classes, the target mass per pseudo-label before the
+    correction ('mass_{g}_before'), moved into and out of the group ('mass_{g}_in', 'mass_{g}_out')
+    and after ('mass_{g}_after'); per r/c/f group of the detected class, the mean target of the
+    detected class before and after ('top_{g}_before', 'top_{g}_after'; NaN without such a label)
+    and its pseudo-labels per image ('pl_{g}'). None for a run that logged none of it."""
+    records = [r for r in read_jsonl(metrics_path) if "pl_mass_r_before" in r]
+    weights = [float(r.get("pl_per_image", 0.0)) for r in records]
+    if not records or sum(weights) <= 0:
+        return None
+
+    def mean(key: str, weight_key: str = "pl_per_image") -> float:
+        w = [float(r.get(weight_key, 0.0)) for r in records]
+        total = sum(w)
+        return sum(wi * float(r[key]) for wi, r in zip(w, records)) / total if total > 0 else math.nan
+
+    out: dict[str, float] = {}
+    for g in GROUPS:
+        for part in ("before", "in", "out"):
+            out[f"mass_{g}_{part}"] = mean(f"pl_mass_{g}_{part}")
+        out[f"mass_{g}_after"] = out[f"mass_{g}_before"] + out[f"mass_{g}_in"] - out[f"mass_{g}_out"]
+        for part in ("before", "after"):
+            out[f"top_{g}_{part}"] = mean(f"pl_top_{g}_{part}", f"pl_per_image_{g}")
+        out[f"pl_{g}"] = statistics.mean(float(r.get(f"pl_per_image_{g}", 0.0)) for r in records)
+    return out
 
 
 def calibration_summary(path: str | Path) -> dict[str, float]:

@@ -34,8 +34,10 @@ from typing import Any, Callable, Mapping
 from slsd_cli.demo.runner import Runner
 from slsd_cli.demo import settings as S
 from slsd_cli.demo import table
-from slsd_cli.demo.diagnostics import (calibration_summary, peak_memory_mb, pseudo_label_counts,
+from slsd_cli.demo import findings
+from slsd_cli.demo.diagnostics import (calibration_summary, correction_effect, peak_memory_mb, pseudo_label_counts,
                                        retrieval_quality, similarity_quality)
+from slsd_cli.demo.premise import delta_intervals
 from slsd_cli.demo.report import ReportInputs, render
 from slsd_cli.demo.tuning import (SIMILARITY_TEACHER_GRID, STUDENT_GRID, UNIFORM_TEACHER_GRID, CellResult, Grid,
                                   along_axes, available, choose, differing_only_in,
@@ -50,8 +52,11 @@ from slsd_cli.progress import info
 # against 0.16 for the former random ResNet-18. Retrieval: the colour histogram (own-class enrichment
 # of rare queries' neighbours 4.24x chance vs 2.55x for ImageNet Lite0 and 2.44x for a random ResNet-18).
 PROTOTYPE_ARGS = ["--backbone", "efficientnet_lite0", "--mask-weighted", "--feature-level", "3"]
+# `slsd synth`'s calibration split (issue 23): Δ is measured there when the data has it
+CALIBRATION_FILE = "calib.json"
 RETRIEVE_ARGS = ["--embedder", "colorhist"]
 DEFAULT_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+PREMISE_REPLICATES = 200  # bootstrap over calibration images for the teacher's Δ per group
 
 
 @dataclass
@@ -68,6 +73,23 @@ class Demo:
         self.split = self.out / "split"          # train.json (85%), holdout.json (15%), train_frac*.json
         self.runs = self.out / "runs"            # one folder per trained model, named by its setting
         self.retrieval = self.out / "retrieval"  # unlabeled.json, retrieval.jsonl
+
+    @property
+    def calibration_json(self) -> Path:
+        """The split Δ is measured on: `slsd synth`'s calibration split (at least 5 images of every
+        class, disjoint from train and val) when the data has one, else the held-out 15%."""
+        synth = self.data / CALIBRATION_FILE
+        return synth if synth.exists() else self.split / "holdout.json"
+
+    @property
+    def calibration_name(self) -> str:
+        """'calib' (the synth calibration split) or 'holdout': the suffix of its eval / calibration files."""
+        return "calib" if self.calibration_json.name == CALIBRATION_FILE else "holdout"
+
+    def annotations(self, on: str) -> Path:
+        """The annotations of a split the demo scores on: val, holdout or calib."""
+        return {"val": self.data / "val.json", "holdout": self.split / "holdout.json",
+                "calib": self.calibration_json}[on]
 
     def train_json(self, fraction: float = 1.0) -> Path:
         from slsd_cli.data.split import fraction_file_name
@@ -141,22 +163,28 @@ class Demo:
         (self.runner.run if wait else self.runner.submit)(name, argv, run / "model.safetensors")
         return run
 
-    def calibrate_holdout(self, teacher: Path) -> Path:
-        """The teacher's calibration.json on the held-out split (from its held-out detections, which
-        the grid has already when it scored this teacher)."""
-        self.evaluate(teacher, "holdout")
-        out = teacher / "calibration_holdout.json"
-        self.runner.run(f"calibrate {teacher.name} on held-out",
-                        ["calibrate", "--annotations", str(self.split / "holdout.json"), "--detections",
-                         str(teacher / "eval_holdout" / "detections.json"), "--out", str(out)], out)
+    def calibrate_teacher(self, teacher: Path) -> Path:
+        """A teacher's calibration.json (Δ of Eq. 5) on the calibration split (`calibration_json`),
+        from its detections there. `teacher` may be a distillation run's EMA teacher (`RUN/teacher`)."""
+        on = self.calibration_name
+        self.evaluate(teacher, on, calibrate=False)
+        out = teacher / f"calibration_{on}.json"
+        self.runner.run(f"calibrate {_run_label(teacher)} on {on}",
+                        ["calibrate", "--annotations", str(self.calibration_json), "--detections",
+                         str(teacher / f"eval_{on}" / "detections.json"), "--out", str(out)], out)
         return out
+
+    def calibrate_ema_teacher(self, student: Path) -> Path:
+        """Δ drift: the distillation's EMA teacher at its end (`RUN/teacher`), calibrated on the same split."""
+        self.runner.wait(student / "model.safetensors")
+        return self.calibrate_teacher(student / "teacher")
 
     def student(self, targets: str, setting: Mapping[str, Any], teacher: Path, seed: int, wait: bool = True) -> Path:
         """A student of `teacher` at `setting`; its teacher's held-out calibration comes first (always
         waited for), then the distillation (`wait=False`: queued while the caller goes on)."""
         name = S.student_run_name(targets, setting, teacher.name)
         run = self.runs / name
-        calibration = self.calibrate_holdout(teacher)
+        calibration = self.calibrate_teacher(teacher)
         argv = ["distill", S.DISTILL_RECIPE, *S.overrides(setting), "--teacher", str(teacher),
                 "--unlabeled", str(self.retrieval / "unlabeled.json"), "--unlabeled-images", str(self.images),
                 "--calibration", str(calibration), "--out-dir", str(run), "--targets", targets,
@@ -165,19 +193,19 @@ class Demo:
         return run
 
     def evaluate(self, run: Path, on: str, calibrate: bool = True, wait: bool = True) -> dict | None:
-        """Score a run on val (with its calibration on val, for ECE, unless `calibrate` is False) or on
-        the held-out split; returns the metrics.json content (`wait=False`: only queues the scoring,
-        returns None; the run must be trained)."""
-        annotations = self.data / "val.json" if on == "val" else self.split / "holdout.json"
+        """Score a run on val (with its calibration on val, for ECE, unless `calibrate` is False), on
+        the held-out split or on the calibration split ('calib'); returns the metrics.json content
+        (`wait=False`: only queues the scoring, returns None; the run must be trained)."""
+        annotations = self.annotations(on)
         out = run / f"eval_{on}"
         self.runner.wait(run / "model.safetensors")
         (self.runner.run if wait else self.runner.submit)(
-            f"eval {run.name} on {on}", ["eval", "--annotations", str(annotations), "--checkpoint", str(run),
+            f"eval {_run_label(run)} on {on}", ["eval", "--annotations", str(annotations), "--checkpoint", str(run),
                                          "--images", str(self.images), "--out-dir", str(out)], out / "metrics.json")
         if not wait:
             return None
         if on == "val" and calibrate:
-            self.runner.run(f"calibrate {run.name} on val",
+            self.runner.run(f"calibrate {_run_label(run)} on val",
                             ["calibrate", "--annotations", str(annotations), "--detections",
                              str(out / "detections.json"), "--out", str(out / "calibration.json")],
                             out / "calibration.json")
@@ -187,6 +215,11 @@ class Demo:
         out = self.out / "figures" / f"{out_name}.png"
         self.runner.run(f"plot {out_name}", ["plot", kind, *args, "--out", str(out)], out)
         return f"figures/{out_name}.png"
+
+
+def _run_label(run: Path) -> str:
+    """A run's name in step names: `RUN/teacher` (a distillation's EMA teacher) as 'RUN (EMA teacher)'."""
+    return f"{run.parent.name} (EMA teacher)" if run.name == "teacher" else run.name
 
 
 # ---------------------------------------------------------------- held-out grid
@@ -279,7 +312,9 @@ class TableRuns:
     rows: list[table.Row] = field(default_factory=list)
     runs: dict[tuple[str, int], Path] = field(default_factory=dict)  # (row label, seed) -> run dir
     pseudo: dict[str, list[dict]] = field(default_factory=dict)
-    teacher_calibration: list[dict] = field(default_factory=list)  # similarity teacher on held-out, per seed
+    teacher_calibration: list[dict] = field(default_factory=list)  # similarity teacher on the calibration split, per seed
+    premise: list[dict] = field(default_factory=list)      # per seed: group -> Interval of the teacher's mean Δ
+    drift: list[dict] = field(default_factory=list)        # per seed: the corrected student's EMA teacher at the end
 
 
 def table_one(demo: Demo, seeds: list[int], chosen: Mapping[str, dict], teacher_keys: list[str],
@@ -293,9 +328,12 @@ def table_one(demo: Demo, seeds: list[int], chosen: Mapping[str, dict], teacher_
         for key in teacher_keys:
             demo.teacher(S.TEACHERS[key], chosen.get(key, {}), seed, wait=False)
     trained: dict[int, list[tuple[str, Path]]] = {}
-    for seed in seeds:  # 2. a seed's students, once its similarity teacher is calibrated on held-out
+    for seed in seeds:  # 2. a seed's students, once its similarity teacher is calibrated
         teacher = demo.teacher(similarity, chosen["similarity"], seed)
-        out.teacher_calibration.append(calibration_summary(demo.calibrate_holdout(teacher)))
+        out.teacher_calibration.append(calibration_summary(demo.calibrate_teacher(teacher)))
+        out.premise.append(delta_intervals(demo.calibration_json,
+                                           teacher / f"eval_{demo.calibration_name}" / "detections.json",
+                                           replicates=PREMISE_REPLICATES))
         trained[seed] = [(S.TEACHERS[key].label, demo.teacher(S.TEACHERS[key], chosen.get(key, {}), seed, wait=False))
                          for key in teacher_keys]
         for key in student_keys:
@@ -305,6 +343,11 @@ def table_one(demo: Demo, seeds: list[int], chosen: Mapping[str, dict], teacher_
     for seed in seeds:  # 3. each run scored on val as soon as it is trained
         for _, run in trained[seed]:
             demo.evaluate(run, "val", wait=False)
+    calibrated = S.STUDENTS["calibrated"].label
+    for seed in seeds:  # Δ drift: the corrected student's EMA teacher, calibrated on the same split
+        for label, run in trained[seed]:
+            if label == calibrated:
+                out.drift.append(calibration_summary(demo.calibrate_ema_teacher(run)))
     student_labels = {S.STUDENTS[key].label for key in student_keys}
     rows: dict[str, table.Row] = {}
     for seed in seeds:
@@ -451,7 +494,9 @@ def _run_demo(runner: Runner, *, full: bool, tune_only: bool, label_efficiency_m
         inputs.answer = (student_label, teacher_label, S.STUDENTS["soft"].label if full else None)
         inputs.control = S.STUDENTS["control"].label if full else None
         figures += _table_figures(demo, runs.runs[(teacher_label, seeds[0])], runs.runs[(student_label, seeds[0])])
-        inputs.diagnostics = _diagnostics(demo, runs, teacher_label, student_label, grids)
+        inputs.diagnostics = _diagnostics(demo, runs, teacher_label, student_label, grids, chosen["similarity"])
+        inputs.premise = findings.premise_lines(runs.premise, seeds, _split_text(demo))
+        inputs.correction = findings.correction_lines(_correction_effects(demo, runs, grids))
     if label_efficiency_mode:
         figures.append(("AP and APr against the labeled fraction (paper Fig. 2)",
                         label_efficiency(demo, seeds, chosen, fractions)))
@@ -490,24 +535,58 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "n/a" if value != value else f"{value:.{digits}f}"
 
 
+def _split_text(demo: Demo) -> str:
+    if demo.calibration_name == "calib":
+        return f"`data/{CALIBRATION_FILE}`, slsd synth's calibration split: at least 5 images of every class"
+    return "`split/holdout.json`, the 15% held out (the data has no synth calibration split)"
+
+
+def _correction_effects(demo: Demo, runs: TableRuns, grids: list[tuple[Grid, list[CellResult]]]
+                        ) -> list[tuple[str, dict]]:
+    """The measured effect of Eq. 5 for the Table 1 students (mean over seeds) and for the student grid's
+    cells that differ from the choice only in the scope (both readings of Eq. 5)."""
+    out = []
+    for key in ("soft", "calibrated"):
+        label = S.STUDENTS[key].label
+        effect = findings.mean_effect([correction_effect(run / "metrics.jsonl")
+                                       for (row, _), run in runs.runs.items() if row == label])
+        if effect:
+            out.append((f"{label} (Table 1, mean over seeds)", effect))
+    for grid, cells in grids:
+        for group in differing_only_in(cells, "distill.correction_scope"):
+            for cell in group:
+                effect = correction_effect(demo.runs / cell.run / "metrics.jsonl")
+                if effect:
+                    out.append((f"held-out grid: scope {cell.setting['distill.correction_scope']}, λ "
+                                f"{S.format_value(cell.setting.get('distill.lam'))} (held-out AP "
+                                f"{_fmt(cell.metrics['AP'], 1)})", effect))
+    return out
+
+
 def _diagnostics(demo: Demo, runs: TableRuns, teacher_label: str, student_label: str,
-                 grids: list[tuple[Grid, list[CellResult]]]) -> list[str]:
+                 grids: list[tuple[Grid, list[CellResult]]], smoothing: Mapping[str, Any]) -> list[str]:
+    from slsd_cli.labels.similarity_check import smoothing_quality
     from slsd_cli.stats import mean_std
 
     lines = []
-    spearman = similarity_quality(demo.prototypes(), demo.data / "classes.json")
-    lines.append(f"- **Class similarity**: Spearman correlation between the prototype similarity S and the classes' "
-                 f"true attribute similarity (`classes.json`): {_fmt(spearman)} (1 = same ranking; about 0 = S is "
-                 f"noise, and similarity smoothing is then uniform smoothing).")
     cal = runs.teacher_calibration
     if cal:
         def group(key: str, scale: float = 1.0, digits: int = 3) -> str:
             mean, std, n = mean_std([scale * c[key] for c in cal])
             return _fmt(mean, digits) + ("" if n < 2 else f" ± {std:.{digits}f}")
-        lines.append(f"- **Teacher calibration on the held-out split** (what Eq. 5 corrects; Δ < 0 over-confident): "
-                     f"mean CCECE Δ rare {group('delta_r')}, common {group('delta_c')}, frequent {group('delta_f')}; "
-                     f"ECE {group('ece', 100.0, 1)}%. The paper's premise is frequent classes over-confident and rare classes "
-                     f"under-confident (its teacher: ECE 22%).")
+        lines.append(f"- **Teacher calibration** on the calibration split (what Eq. 5 corrects; Δ < 0 "
+                     f"over-confident; intervals: the premise table at the top): mean CCECE Δ rare {group('delta_r')}, "
+                     f"common {group('delta_c')}, frequent {group('delta_f')}; ECE {group('ece', 100.0, 1)}% (the "
+                     f"paper's teacher: 22%).")
+    lines += findings.drift_lines(cal, runs.drift, demo.calibration_name)
+    spearman = similarity_quality(demo.prototypes(), demo.data / "classes.json")
+    lines.append(f"- **Class similarity**: Spearman correlation between the prototype similarity S and the classes' "
+                 f"true attribute similarity (`classes.json`): {_fmt(spearman)} (1 = same ranking; about 0 = S is "
+                 f"noise, and similarity smoothing is then uniform smoothing).")
+    knobs = {**S.recipe_defaults(S.TEACHERS["similarity"].knobs, S.TEACHER_RECIPE), **smoothing}
+    quality = smoothing_quality(demo.prototypes(), demo.data / "classes.json", knobs["smoothing.epsilon"],
+                                knobs["smoothing.gamma"], knobs.get("smoothing.temperature", 1.0))
+    lines += findings.smoothing_lines(quality, knobs)
     teacher_row = next(r for r in runs.rows if r.label == teacher_label)
     student_row = next(r for r in runs.rows if r.label == student_label)
     ece_t = mean_std(teacher_row.column("ECE", list(teacher_row.values)))

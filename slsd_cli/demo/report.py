@@ -1,4 +1,5 @@
-"""report.md of `slsd demo`: the answer first, then the table with its intervals, the held-out grid,
+"""report.md of `slsd demo`: the premise check and the answer first, then the table with its intervals,
+the held-out grid, the correction's measured effect,
 the figures, the diagnostics and every command run.
 
 `ReportInputs` is filled by the pipeline from the files its steps wrote; `render` only formats.
@@ -42,6 +43,8 @@ class ReportInputs:
     grids: list[tuple[Grid, list[CellResult]]] = field(default_factory=list)
     chosen: dict[str, dict[str, Any]] = field(default_factory=dict)  # grid name -> chosen setting
     diagnostics: list[str] = field(default_factory=list)              # markdown lines
+    premise: list[str] = field(default_factory=list)                  # the premise check: the report opens with it
+    correction: list[str] = field(default_factory=list)               # the correction's measured effect
     pseudo_labels: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # row label -> per seed
     figures: list[tuple[str, str]] = field(default_factory=list)      # (caption, path relative to report)
     steps: list[Step] = field(default_factory=list)
@@ -56,6 +59,8 @@ TITLES = {"quick": "Quick pipeline", "full": "Table 1 ablation (paper §4.2)", "
 def render(inputs: ReportInputs) -> str:
     by_label = {row.label: row for row in inputs.rows}
     lines = [f"# slsd demo report — {TITLES.get(inputs.mode, inputs.mode)}", ""]
+    if inputs.premise:
+        lines += ["## The paper's premise, checked first", ""] + inputs.premise
     if inputs.answer and all(label is None or label in by_label for label in inputs.answer):
         student, teacher, uncorrected = inputs.answer
         lines += [table.answer(by_label[student], by_label[teacher], by_label.get(uncorrected) if uncorrected else None,
@@ -74,6 +79,7 @@ def render(inputs: ReportInputs) -> str:
     for grid, results in inputs.grids:
         if results:  # a grid without cells (nothing tuned) has no table
             lines += _grid_section(grid, results, inputs.chosen.get(grid.name))
+    lines += inputs.correction
     if inputs.pseudo_labels:
         lines += _pseudo_label_section(inputs.pseudo_labels)
     if inputs.diagnostics:

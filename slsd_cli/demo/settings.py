@@ -20,6 +20,8 @@ DISTILL_RECIPE = "synthetic_tiny_distill"
 SHORT_NAMES = {
     "smoothing.epsilon": "eps",
     "smoothing.gamma": "gamma",
+    "smoothing.temperature": "tau",
+    "distill.correction_scope": "scope",
     "distill.lam": "lam",
     "distill.threshold": "thr",
     "distill.unsup_weight": "uw",
@@ -53,8 +55,8 @@ FULL = DemoSize(val_images=300, bootstrap=50)
 
 
 # the recipe keys that define a student run (each passed explicitly, so its directory name says it all)
-STUDENT_KNOBS = ("distill.lam", "distill.threshold", "distill.unsup_weight", "distill.threshold_on",
-                 "distill.ignore_low", "distill.background")
+STUDENT_KNOBS = ("distill.lam", "distill.threshold", "distill.unsup_weight", "distill.correction_scope",
+                 "distill.threshold_on", "distill.ignore_low", "distill.background")
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ TEACHERS = {
     "onehot": TeacherRow("onehot", "Supervised, one-hot", "none", ()),
     "uniform": TeacherRow("uniform", "Supervised + uniform smoothing", "uniform", ("smoothing.epsilon",)),
     "similarity": TeacherRow("similarity", "Supervised + similarity smoothing", "similarity",
-                             ("smoothing.epsilon", "smoothing.gamma")),
+                             ("smoothing.epsilon", "smoothing.gamma", "smoothing.temperature")),
 }
 STUDENTS = {
     # the control: the students' fine-tuning (same iterations, learning rate, labeled batches) with the

@@ -231,15 +231,28 @@ def teacher_meta_path(teacher: str | Path) -> Path:
     return path if path.suffix == ".json" else path.with_name(META_NAME)
 
 
-def inherit_from_teacher(recipe: Recipe, teacher_meta: dict) -> tuple[Recipe, list[str]]:
+def inherit_from_teacher(recipe: Recipe, teacher_meta: dict, meta_path: str | Path = "model.json"
+                         ) -> tuple[Recipe, list[str]]:
     """Fill what the distill recipe leaves open (null) from the teacher run's recipe: the labeled
-    data (`data.train_json`, `data.images`) and the smoothing prototypes. Returns the new recipe
-    and the keys taken."""
+    data (`data.train_json`, `data.images`), the smoothing prototypes, and with `smoothing.mode`
+    null the whole smoothing section (mode, ε, γ, τ: the labeled images keep their teacher's
+    targets). Returns the new recipe and the keys taken."""
     teacher_recipe = (teacher_meta.get("extra") or {}).get("recipe") or {}
     taken = []
     data, smoothing = recipe.data, recipe.smoothing
     t_data = teacher_recipe.get("data") or {}
     t_smoothing = teacher_recipe.get("smoothing") or {}
+    if smoothing.mode is None:
+        if t_smoothing.get("mode") not in ("none", "uniform", "similarity"):
+            raise InputError("smoothing.mode is null (the teacher's smoothing) but the teacher run does not record "
+                             "its smoothing; pass --smoothing none|uniform|similarity", path=meta_path)
+        keys = ("mode", "epsilon", "gamma", "temperature", "prototypes")
+        inherited = {k: t_smoothing[k] for k in keys if k in t_smoothing}
+        inherited.setdefault("temperature", 1.0)  # a run from before τ existed: the paper's Eq. 2
+        if smoothing.prototypes is not None:  # an explicit --prototypes still wins
+            inherited.pop("prototypes", None)
+        smoothing = dataclasses.replace(smoothing, **inherited)
+        taken += [f"smoothing.{k}" for k in inherited]
     if data.train_json is None and t_data.get("train_json"):
         data = dataclasses.replace(data, train_json=t_data["train_json"])
         taken.append("data.train_json")
@@ -247,7 +260,8 @@ def inherit_from_teacher(recipe: Recipe, teacher_meta: dict) -> tuple[Recipe, li
     if data.images is None and same_images and t_data.get("images"):  # the teacher's folder for its json
         data = dataclasses.replace(data, images=t_data["images"])
         taken.append("data.images")
-    if smoothing.mode == "similarity" and smoothing.prototypes is None and t_smoothing.get("prototypes"):
+    if smoothing.mode == "similarity" and smoothing.prototypes is None and t_smoothing.get("prototypes") \
+            and "smoothing.prototypes" not in taken:
         smoothing = dataclasses.replace(smoothing, prototypes=t_smoothing["prototypes"])
         taken.append("smoothing.prototypes")
     return dataclasses.replace(recipe, data=data, smoothing=smoothing), taken
@@ -375,7 +389,7 @@ def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: boo
 
     # the student is the teacher's network, normalisation included (before the run dir is touched)
     check_same_network(recipe.model, teacher_meta, meta_path)
-    recipe, taken = inherit_from_teacher(recipe, teacher_meta)
+    recipe, taken = inherit_from_teacher(recipe, teacher_meta, meta_path)
     if recipe.data.train_json is None:
         raise InputError("no labeled annotations: set data.train_json or pass --train-json", record="recipe")
     if taken:

@@ -55,7 +55,7 @@ def build_table(recipe: Recipe, annotations: Annotations) -> Tensor | None:
     s = recipe.smoothing
     if s.mode == "none":
         return None
-    return target_table(s.mode, annotations.num_classes, s.epsilon, s.gamma, s.prototypes, annotations)
+    return target_table(s.mode, annotations.num_classes, s.epsilon, s.gamma, s.prototypes, annotations, s.temperature)
 
 
 def add_class_targets(batch: Batch, table: Tensor) -> Batch:

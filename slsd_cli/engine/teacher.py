@@ -105,5 +105,8 @@ def describe(phase: TeacherPhase, dist: distributed.DistInfo) -> str:
 
 def run(recipe: Recipe, run_dir: str | Path, *, resume: bool = False, force: bool = False) -> TrainResult:
     """Train a teacher as `recipe` says, into `run_dir` (every torchrun process calls this)."""
+    if recipe.smoothing.mode is None:
+        raise InputError("smoothing.mode null means 'the teacher's smoothing' and only applies to slsd distill; "
+                         "a teacher needs none, uniform or similarity (--smoothing)", record="recipe")
     return launch(recipe, run_dir, build_phase, resume=resume, force=force, outputs=runs.RUN_OUTPUTS,
                   describe=describe)

@@ -106,7 +106,8 @@ def calibration_correction(probs: torch.Tensor, delta: torch.Tensor, lam: float,
     """Eq. 5, `ỹ = y + λΔ`, on the teacher's foreground probability vectors `probs [N, C]` (docs/method.md).
 
     `scope="all"` shifts every class component (the literal reading); `"predicted"` only each row's
-    top class. The result is clipped to [0, 1] (`vectors`), then normalised once over the C classes
+    predicted class: `fallback[n]` (the detected class: a sigmoid head can detect one box as several
+    classes, each detection is corrected on its own class), default the row's arg-max. The result is clipped to [0, 1] (`vectors`), then normalised once over the C classes
     into the target distribution (`targets`): a pseudo-box is foreground, so its target has no
     background mass, whatever the head (a softmax head's background column only rescales the row,
     which this one normalisation cancels). A row with no mass left after clipping becomes one-hot
@@ -121,15 +122,15 @@ def calibration_correction(probs: torch.Tensor, delta: torch.Tensor, lam: float,
         raise ValueError(f"calibration Δ has {delta.numel()} classes, the teacher predicts {probs.shape[1]}")
     shift = lam * delta
     vectors = probs.clone()
+    if fallback is None:
+        fallback = probs.argmax(dim=1) if probs.shape[0] else torch.zeros(0, dtype=torch.long, device=probs.device)
     if scope == "all":
         vectors += shift
     elif probs.shape[0]:
         rows = torch.arange(probs.shape[0], device=probs.device)
-        top = probs.argmax(dim=1)
+        top = fallback.long()
         vectors[rows, top] += shift[top]
     vectors.clamp_(0.0, 1.0)
-    if fallback is None:
-        fallback = probs.argmax(dim=1) if probs.shape[0] else torch.zeros(0, dtype=torch.long, device=probs.device)
     total = vectors.sum(dim=1, keepdim=True)
     targets = vectors / total.clamp_min(torch.finfo(vectors.dtype).tiny)
     empty = total.squeeze(1) <= 0
@@ -154,9 +155,20 @@ def _corrected(probs: torch.Tensor, labels: torch.Tensor, spec: PseudoLabelSpec)
     return calibration_correction(probs, delta, spec.lam, spec.scope, fallback=labels.long())
 
 
+def _group_sums() -> dict[str, float]:
+    return dict.fromkeys(GROUPS, 0.0)
+
+
 @dataclass
 class PseudoLabelStats:
-    """What one batch of pseudo-labels looked like (summed; reduce across ranks by summing)."""
+    """What one batch of pseudo-labels looked like (summed; reduce across ranks by summing).
+
+    The correction's effect, measured on the pseudo-labels the student is given (`mass_*`, `top_*`):
+    per r/c/f group of *class components*, the target mass of the plain soft target (the teacher's
+    normalised probability vector, `mass_before`), and how much Eq. 5 moved into and out of the
+    group (`mass_in`, `mass_out`: per box the positive and negative parts of after - before, so that
+    after = before + in - out); per r/c/f group of the *detected class*, the summed target of the
+    detected class before and after."""
 
     images: int = 0
     labels: int = 0
@@ -165,6 +177,14 @@ class PseudoLabelStats:
     empty_images: int = 0
     ignored: int = 0
     ignored_per_group: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GROUPS, 0))
+    mass_before: dict[str, float] = field(default_factory=_group_sums)
+    mass_in: dict[str, float] = field(default_factory=_group_sums)
+    mass_out: dict[str, float] = field(default_factory=_group_sums)
+    top_before: dict[str, float] = field(default_factory=_group_sums)
+    top_after: dict[str, float] = field(default_factory=_group_sums)
+
+    _COUNTS = ("per_group", "ignored_per_group")
+    _SUMS = ("mass_before", "mass_in", "mass_out", "top_before", "top_after")
 
     def add(self, other: "PseudoLabelStats") -> None:
         self.images += other.images
@@ -172,25 +192,60 @@ class PseudoLabelStats:
         self.confidence_sum += other.confidence_sum
         self.empty_images += other.empty_images
         self.ignored += other.ignored
-        for mine, theirs in ((self.per_group, other.per_group), (self.ignored_per_group, other.ignored_per_group)):
+        for name in self._COUNTS + self._SUMS:
+            mine, theirs = getattr(self, name), getattr(other, name)
             for key, value in theirs.items():
                 mine[key] = mine.get(key, 0) + value
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.images, self.labels, self.confidence_sum, self.empty_images,
-                             *(self.per_group.get(g, 0) for g in GROUPS), self.ignored,
-                             *(self.ignored_per_group.get(g, 0) for g in GROUPS)], dtype=torch.float64)
+        values = [self.images, self.labels, self.confidence_sum, self.empty_images,
+                  *(self.per_group.get(g, 0) for g in GROUPS), self.ignored,
+                  *(self.ignored_per_group.get(g, 0) for g in GROUPS)]
+        for name in self._SUMS:
+            values += [getattr(self, name).get(g, 0.0) for g in GROUPS]
+        return torch.tensor(values, dtype=torch.float64)
 
     @classmethod
     def from_tensor(cls, values: torch.Tensor) -> "PseudoLabelStats":
-        v = [int(x) for x in values.tolist()] + [0] * 4  # a checkpoint from before the ignore counts has 7
-        return cls(images=v[0], labels=v[1], confidence_sum=float(values[2]), empty_images=v[3],
-                   per_group=dict(zip(GROUPS, v[4:7])), ignored=v[7], ignored_per_group=dict(zip(GROUPS, v[8:11])))
+        # a checkpoint from before the ignore counts has 7 values, from before the correction sums 11
+        v = [float(x) for x in values.tolist()]
+        v += [0.0] * (11 + 3 * len(cls._SUMS) - len(v))
+        n = [int(round(x)) for x in v[:11]]
+        out = cls(images=n[0], labels=n[1], confidence_sum=v[2], empty_images=n[3],
+                  per_group=dict(zip(GROUPS, n[4:7])), ignored=n[7], ignored_per_group=dict(zip(GROUPS, n[8:11])))
+        for i, name in enumerate(cls._SUMS):
+            setattr(out, name, dict(zip(GROUPS, v[11 + 3 * i:14 + 3 * i])))
+        return out
+
+    def add_correction(self, before: torch.Tensor, after: torch.Tensor, labels: torch.Tensor,
+                       class_groups: torch.Tensor) -> None:
+        """Sum the correction's effect over pseudo-labels: `before`/`after` [G, C] targets without and
+        with Eq. 5, `labels` [G] the detected classes, `class_groups` [C] each class's index in GROUPS."""
+        if not labels.numel():
+            return
+        change = torch.zeros(before.shape[0], len(GROUPS), dtype=torch.float64, device=before.device)
+        mass = torch.zeros_like(change)
+        index = class_groups.to(before.device).long().expand_as(before)
+        mass.scatter_add_(1, index, before.double())
+        change.scatter_add_(1, index, (after - before).double())
+        rows = torch.arange(labels.numel(), device=labels.device)
+        top_b, top_a = before[rows, labels].double(), after[rows, labels].double()
+        label_groups = class_groups.to(labels.device)[labels]
+        for k, g in enumerate(GROUPS):
+            self.mass_before[g] += float(mass[:, k].sum())
+            self.mass_in[g] += float(change[:, k].clamp(min=0).sum())
+            self.mass_out[g] += float((-change[:, k]).clamp(min=0).sum())
+            here = label_groups == k
+            self.top_before[g] += float(top_b[here].sum())
+            self.top_after[g] += float(top_a[here].sum())
 
     def summary(self) -> dict[str, float]:
         """The logged figures: pseudo-labels and ignore regions per image (overall and per r/c/f
-        group of the detected class), mean confidence of the pseudo-labels, share of empty images."""
+        group of the detected class), mean confidence of the pseudo-labels, share of empty images;
+        per pseudo-label, the target mass per class group before Eq. 5 and moved in / out by it; per
+        detected group, the mean target of the detected class before and after Eq. 5."""
         images = max(self.images, 1)
+        labels = max(self.labels, 1)
         out = {
             "pl_per_image": self.labels / images,
             "pl_confidence": self.confidence_sum / self.labels if self.labels else 0.0,
@@ -200,6 +255,12 @@ class PseudoLabelStats:
         for group in GROUPS:
             out[f"pl_per_image_{group}"] = self.per_group.get(group, 0) / images
             out[f"pl_ignore_per_image_{group}"] = self.ignored_per_group.get(group, 0) / images
+            out[f"pl_mass_{group}_before"] = self.mass_before[group] / labels
+            out[f"pl_mass_{group}_in"] = self.mass_in[group] / labels
+            out[f"pl_mass_{group}_out"] = self.mass_out[group] / labels
+            detected = max(self.per_group.get(group, 0), 1)
+            out[f"pl_top_{group}_before"] = self.top_before[group] / detected
+            out[f"pl_top_{group}_after"] = self.top_after[group] / detected
         return out
 
 
@@ -226,6 +287,7 @@ def pseudo_label_targets(
 
     targets: list[dict] = []
     stats = PseudoLabelStats()
+    class_groups = None if groups is None else torch.tensor([GROUPS.index(g) for g in groups], dtype=torch.long)
     for det, (h, w) in zip(detections, image_sizes, strict=True):
         h, w = int(h), int(w)
         canvas_h, canvas_w = (h, w) if mask_shape is None else (int(mask_shape[0]), int(mask_shape[1]))
@@ -270,6 +332,9 @@ def pseudo_label_targets(
         stats.confidence_sum += float(scores.sum())
         stats.empty_images += int(labels.numel() == 0)
         stats.ignored += int(ignore.sum())
+        if class_groups is not None and corrected is not None:
+            plain = all_probs[keep] / all_probs[keep].sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+            stats.add_correction(plain, soft, labels, class_groups)
         if groups is not None:
             for label in labels.tolist():
                 stats.per_group[groups[label]] = stats.per_group.get(groups[label], 0) + 1

@@ -86,3 +86,51 @@ def prototypes_spearman(prototypes_file: str | Path, classes_json: str | Path) -
     protos = load_prototypes(prototypes_file)
     reference = true_similarity(classes_json, protos["category_ids"])
     return similarity_spearman(protos["similarity"].double().numpy(), reference, protos["counts"].numpy())
+
+
+def row_spearman(s_prime: torch.Tensor | np.ndarray, reference: np.ndarray,
+                 counts: torch.Tensor | np.ndarray | None = None) -> float:
+    """Mean over classes i of the Spearman between row i of `S′` (Eq. 2) and row i of the true
+    similarity, over the other classes j ≠ i with counts > 0: does the smoothing mass of a class go
+    to the classes that really resemble it? (NaN when no row has 2 such classes.)"""
+    s = np.asarray(s_prime, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if s.shape != r.shape or s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"need two [C, C] matrices, got {s.shape} and {r.shape}")
+    present = np.ones(s.shape[0], dtype=bool) if counts is None else np.asarray(counts).reshape(-1) > 0
+    values = []
+    for i in np.flatnonzero(present):
+        others = present.copy()
+        others[i] = False
+        value = spearman(s[i, others], r[i, others])
+        if value == value:
+            values.append(value)
+    return float(np.mean(values)) if values else float("nan")
+
+
+def smoothing_vs_uniform(similarity_table: torch.Tensor, uniform_table: torch.Tensor) -> float:
+    """Mean over classes of the total variation between the similarity-smoothing target of a class
+    (a row of Eq. 3's table) and its uniform-smoothing target: 0 = the two smoothings are the same
+    thing, ε at most (all the smoothing mass moved)."""
+    a, b = similarity_table.double(), uniform_table.double()
+    if a.shape != b.shape:
+        raise ValueError(f"need two tables of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return float(0.5 * (a - b).abs().sum(dim=1).mean())
+
+
+def smoothing_quality(prototypes_file: str | Path, classes_json: str | Path, epsilon: float, gamma: float,
+                      temperature: float = 1.0) -> dict[str, float]:
+    """What similarity smoothing does at a setting, against the truth of `classes.json`:
+    'tv_uniform' (`smoothing_vs_uniform`), 'row_spearman' (`row_spearman` of S′) and 'spearman'
+    (of S itself, `similarity_spearman`)."""
+    from slsd_cli.labels.smoothing import frequency_modulated_similarity, load_prototypes, smoothed_targets, \
+        uniform_targets
+
+    protos = load_prototypes(prototypes_file)
+    reference = true_similarity(classes_json, protos["category_ids"])
+    s_prime = frequency_modulated_similarity(protos["similarity"], protos["counts"], gamma, temperature)
+    table = smoothed_targets(s_prime, epsilon)
+    counts = protos["counts"].numpy()
+    return {"tv_uniform": smoothing_vs_uniform(table, uniform_targets(table.shape[0], epsilon)),
+            "row_spearman": row_spearman(s_prime.numpy(), reference, counts),
+            "spearman": similarity_spearman(protos["similarity"].double().numpy(), reference, counts)}

@@ -3,9 +3,10 @@
 - Eq. 1 (`prototypes_from_sums`): a prototype is the mean backbone embedding of a class's
   instances. `PrototypeAccumulator` keeps per-class sums (float64) and counts, so shards computed by
   several processes add up exactly (`all_reduce`) before the division.
-- Eq. 2 (`frequency_modulated_similarity`): `S'_ij = exp(S_ij / N_j^gamma) / sum_k exp(S_ik / N_k^gamma)`,
-  with `S` the cosine similarity of the prototypes (`cosine_similarity`) and `N_j` the instance count
-  of class j. Classes with `N_j = 0` have no prototype and get no smoothing mass (their column is
+- Eq. 2 (`frequency_modulated_similarity`): `S'_ij = exp(S_ij / (tau N_j^gamma)) / sum_k exp(S_ik / (tau N_k^gamma))`,
+  with `S` the cosine similarity of the prototypes (`cosine_similarity`), `N_j` the instance count
+  of class j and a temperature `tau` (1 = the paper; below 1 the similarity moves the targets
+  more). Classes with `N_j = 0` have no prototype and get no smoothing mass (their column is
   excluded from the softmax).
 - Eq. 3 (`smoothed_targets`) read as a distribution: the target of a class-c instance is
   `(1 - eps) * onehot(c) + eps * S'[c, :]`.
@@ -108,11 +109,18 @@ def cosine_similarity(prototypes: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- Eq. 2-3: target tables
 
 
-def frequency_modulated_similarity(similarity: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Eq. 2: `S' [C, C]` in float64, row i the softmax over j of `S_ij / N_j^gamma`. Columns of classes with `N_j = 0` are 0; rows of such
+def frequency_modulated_similarity(similarity: torch.Tensor, counts: torch.Tensor, gamma: float,
+                                   temperature: float = 1.0) -> torch.Tensor:
+    """Eq. 2: `S' [C, C]` in float64, row i the softmax over j of `S_ij / (tau N_j^gamma)`.
+
+    `temperature` (tau) = 1 is the paper's equation. With N_j in the tens and gamma = 1.5 every
+    logit is close to 0 and S' is nearly uniform whatever S says; tau < 1 scales the logits up so
+    that the similarity can shape the targets. Columns of classes with `N_j = 0` are 0; rows of such
     classes are 0 too (they have no prototype, hence no similarity to smooth towards)."""
     if similarity.ndim != 2 or similarity.shape[0] != similarity.shape[1]:
         raise ValueError(f"similarity must be [C, C], got {tuple(similarity.shape)}")
+    if not temperature > 0:
+        raise InputError(f"the similarity temperature must be > 0, got {temperature}")
     num_classes = similarity.shape[0]
     counts = counts.reshape(-1).to(device=similarity.device, dtype=torch.float64)
     if counts.numel() != num_classes:
@@ -120,7 +128,7 @@ def frequency_modulated_similarity(similarity: torch.Tensor, counts: torch.Tenso
     if bool((counts < 0).any()):
         raise ValueError("counts must be >= 0")
     present = counts > 0
-    scale = torch.where(present, counts.clamp(min=1).pow(float(gamma)), torch.ones_like(counts))
+    scale = torch.where(present, counts.clamp(min=1).pow(float(gamma)), torch.ones_like(counts)) * float(temperature)
     logits = similarity.to(torch.float64) / scale.unsqueeze(0)
     logits = logits.masked_fill(~present.unsqueeze(0), float("-inf"))
     if not bool(present.any()):
@@ -130,11 +138,11 @@ def frequency_modulated_similarity(similarity: torch.Tensor, counts: torch.Tenso
 
 
 def similarity_targets(similarity: torch.Tensor, counts: torch.Tensor, epsilon: float,
-                       gamma: float) -> torch.Tensor:
+                       gamma: float, temperature: float = 1.0) -> torch.Tensor:
     """Eq. 2-3: the similarity-smoothing target table `[C, C]` (float32) from the prototypes'
-    cosine similarity `S` and the instance counts `N`."""
+    cosine similarity `S`, the instance counts `N` and the temperature tau of Eq. 2."""
     _check_epsilon(epsilon)
-    return smoothed_targets(frequency_modulated_similarity(similarity, counts, gamma), epsilon)
+    return smoothed_targets(frequency_modulated_similarity(similarity, counts, gamma, temperature), epsilon)
 
 
 def smoothed_targets(s_prime: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -239,11 +247,12 @@ def load_prototypes(path: str | Path, annotations: Any = None) -> dict[str, Any]
 
 
 def target_table(mode: TargetMode, num_classes: int, epsilon: float = 0.1, gamma: float = 1.5,
-                 prototypes_file: str | Path | None = None, annotations: Any = None) -> torch.Tensor:
+                 prototypes_file: str | Path | None = None, annotations: Any = None,
+                 temperature: float = 1.0) -> torch.Tensor:
     """The `[C, C]` table the training engine gathers rows from (`class_targets = table[labels]`).
 
     mode "none": one-hot; "uniform": uniform smoothing; "similarity": Eq. 2-3 from a prototypes file
-    (its counts are the `N_j`). With `annotations`, the file's categories must match them.
+    (its counts are the `N_j`; `temperature` is Eq. 2's tau). With `annotations`, the file's categories must match them.
     """
     if mode == "none":
         return onehot_targets(num_classes)
@@ -257,4 +266,4 @@ def target_table(mode: TargetMode, num_classes: int, epsilon: float = 0.1, gamma
     if len(loaded["category_ids"]) != num_classes:
         raise InputError(f"the prototypes file has {len(loaded['category_ids'])} classes, the model "
                          f"{num_classes}", path=prototypes_file)
-    return similarity_targets(loaded["similarity"], loaded["counts"], epsilon, gamma)
+    return similarity_targets(loaded["similarity"], loaded["counts"], epsilon, gamma, temperature)

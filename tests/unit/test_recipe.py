@@ -172,3 +172,24 @@ def test_interval_notation():
     assert Interval.parse("(0, inf)").contains(1e300) and not Interval.parse("(0, inf)").contains(0)
     with pytest.raises(ValueError):
         ranged(1, "0..1")
+
+
+def test_distill_takes_the_teachers_smoothing_when_its_mode_is_null():
+    """One distillation across recipes: with smoothing.mode null the labeled images keep the teacher
+    run's targets (mode, ε, γ, τ, prototypes); an explicit mode keeps the recipe's own values."""
+    from slsd_cli.engine.distill import inherit_from_teacher
+    from slsd_cli.errors import InputError
+
+    teacher = {"extra": {"recipe": {"data": {"train_json": "t.json"}, "smoothing": {
+        "mode": "similarity", "epsilon": 0.2, "gamma": 0.0, "temperature": 0.05, "prototypes": "p.safetensors"}}}}
+    recipe, taken = inherit_from_teacher(recipes.load("synthetic_tiny_distill"), teacher)
+    s = recipe.smoothing
+    assert (s.mode, s.epsilon, s.gamma, s.temperature, s.prototypes) == ("similarity", 0.2, 0.0, 0.05, "p.safetensors")
+    assert "smoothing.temperature" in taken and recipe.data.train_json == "t.json"
+    old = {"extra": {"recipe": {"smoothing": {"mode": "uniform", "epsilon": 0.1, "gamma": 1.5}}}}  # before τ
+    assert inherit_from_teacher(recipes.load("synthetic_tiny_distill"), old)[0].smoothing.temperature == 1.0
+    own = recipes.load("synthetic_tiny_distill", ["smoothing.mode=uniform", "smoothing.epsilon=0.3"])
+    kept = inherit_from_teacher(own, teacher)[0].smoothing
+    assert (kept.mode, kept.epsilon, kept.temperature) == ("uniform", 0.3, 1.0)
+    with pytest.raises(InputError, match="does not record its smoothing"):
+        inherit_from_teacher(recipes.load("synthetic_tiny_distill"), {"extra": {}})

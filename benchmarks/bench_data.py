@@ -23,7 +23,8 @@ import torch
 
 from slsd_cli.data import transforms as T
 from slsd_cli.data.dataset import InstanceDataset
-from slsd_cli.data.lvis import load_annotations, load_image
+from slsd_cli.data.images import load_image
+from slsd_cli.data.lvis import load_annotations
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "coco_39769"
 

@@ -34,7 +34,8 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, NullFormatter
 from pycocotools import mask as mask_utils
 
-from slsd_cli.data.lvis import Annotations, load_image, segmentation_to_rle
+from slsd_cli.data.images import load_image
+from slsd_cli.data.lvis import Annotations, segmentation_to_rle
 from slsd_cli.errors import InputError
 from slsd_cli.io import atomic_path, check_output, read_json
 from slsd_cli.data.results import read_results

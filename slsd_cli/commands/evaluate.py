@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from slsd_cli.commands.predict import MASKNESS_HELP, SOFT_NMS_HELP, SOFT_NMS_IOU_HELP, SOFT_NMS_SIGMA_HELP
 from slsd_cli.progress import info
 
 
@@ -33,6 +34,10 @@ def evaluate(
     workers: int = typer.Option(0, "--workers", min=0, help="Image-loading worker processes per rank."),
     amp: str = typer.Option("auto", "--amp", help="Inference precision with --checkpoint: auto (bf16 on CUDA, "
                                                   "fp32 on CPU), fp32, bf16 or fp16."),
+    soft_nms: Optional[str] = typer.Option(None, "--soft-nms", help=SOFT_NMS_HELP),
+    soft_nms_iou: Optional[float] = typer.Option(None, "--soft-nms-iou", help=SOFT_NMS_IOU_HELP),
+    soft_nms_sigma: Optional[float] = typer.Option(None, "--soft-nms-sigma", help=SOFT_NMS_SIGMA_HELP),
+    maskness: Optional[float] = typer.Option(None, "--maskness", help=MASKNESS_HELP),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
 ) -> None:
     """Score detections with the official LVIS (LVISEval) or COCO (COCOeval) protocol — the same
@@ -42,13 +47,18 @@ def evaluate(
     With --checkpoint, inference runs sharded under torchrun (each rank writes a shard, rank 0
     merges them), e.g. torchrun --nproc_per_node 8 --no-python slsd eval ...
 
+    With --checkpoint, --soft-nms and --maskness change the post-processing for this run (EVA-02's
+    published "sys" numbers need --soft-nms linear --soft-nms-iou 0.6 --maskness 0.5), and --amp
+    auto says on one line which precision it chose (fp32 for a converted EVA-02 checkpoint).
+
     Example: slsd eval --annotations val.json --checkpoint runs/student --images images --out-dir runs/student/eval
     """
     from slsd_cli.evaluation.pipeline import EvalConfig, run_eval
 
     cfg = EvalConfig(annotations=annotations, out_dir=out_dir, checkpoint=checkpoint, images=images,
                      detections=detections, protocol=protocol, iou_type=iou_type, max_dets=max_dets, model=model,
-                     batch_size=batch_size, image_size=image_size, workers=workers, amp=amp, force=force)
+                     batch_size=batch_size, image_size=image_size, workers=workers, amp=amp, force=force,
+                     soft_nms=soft_nms, soft_nms_iou=soft_nms_iou, soft_nms_sigma=soft_nms_sigma, maskness=maskness)
     done = run_eval(cfg)
     if done is None:  # not rank 0
         return

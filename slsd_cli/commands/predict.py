@@ -8,6 +8,16 @@ from typing import List, Optional
 import typer
 
 from slsd_cli.progress import info
+from slsd_cli.recipe import flag_help
+
+# the post-processing flags of eval and predict: model test keys for one run (the run's own by default)
+SOFT_NMS_HELP = flag_help("model.test_soft_nms", "Class-wise soft-NMS instead of hard NMS (EVA-02's 'sys' "
+                          "evaluation: linear, with --soft-nms-iou 0.6); none turns it off.")
+SOFT_NMS_IOU_HELP = flag_help("model.test_soft_nms_iou", "Linear soft-NMS: a box's score decays by 1 - IoU when "
+                              "its IoU with a better box of its class is at least this.")
+SOFT_NMS_SIGMA_HELP = flag_help("model.test_soft_nms_sigma", "Gaussian soft-NMS: scores decay by exp(-IoU^2 / sigma).")
+MASKNESS_HELP = flag_help("model.test_maskness", "Rescore each detection by its mask quality: score x the mean mask "
+                          "probability over the pixels above this (EVA-02's 'sys' evaluation: 0.5).")
 
 
 def predict(
@@ -38,12 +48,19 @@ def predict(
     render_score: float = typer.Option(0.5, "--render-score", min=0.0, max=1.0,
                                        help="Draw only detections scoring at least this."),
     workers: int = typer.Option(0, "--workers", min=0, help="Image-loading worker processes per rank."),
+    soft_nms: Optional[str] = typer.Option(None, "--soft-nms", help=SOFT_NMS_HELP),
+    soft_nms_iou: Optional[float] = typer.Option(None, "--soft-nms-iou", help=SOFT_NMS_IOU_HELP),
+    soft_nms_sigma: Optional[float] = typer.Option(None, "--soft-nms-sigma", help=SOFT_NMS_SIGMA_HELP),
+    maskness: Optional[float] = typer.Option(None, "--maskness", help=MASKNESS_HELP),
     force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
 ) -> None:
     """Run a detector over a folder, a glob or an image list and write LVIS/COCO results (RLE masks).
 
     Sharded under torchrun (each rank writes a shard, rank 0 merges them):
     torchrun --nproc_per_node 8 --no-python slsd predict --checkpoint RUN images/ --out results.json
+
+    --soft-nms and --maskness change the post-processing for this run (the run's model test keys
+    otherwise); --amp auto says on one line which precision it chose.
 
     Example: slsd predict --checkpoint runs/student photos/ --out photos_results.json --render photos_drawn
     """
@@ -56,7 +73,8 @@ def predict(
         checkpoint, images = Path(images[0]), images[1:]
     cfg = PredictConfig(checkpoint=checkpoint, images=list(images), out=out, model=model, images_dir=images_dir,
                         score=score, max_dets=max_dets, image_size=image_size, batch_size=batch_size, amp=amp,
-                        render=render, render_score=render_score, workers=workers, force=force)
+                        render=render, render_score=render_score, workers=workers, force=force, soft_nms=soft_nms,
+                        soft_nms_iou=soft_nms_iou, soft_nms_sigma=soft_nms_sigma, maskness=maskness)
     summary = run_predict(cfg)
     if summary is None:  # not rank 0
         return

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 
-from slsd_cli.data.lvis import Annotations, annotation_mask, load_image
+from slsd_cli.data.images import load_image
+from slsd_cli.data.lvis import Annotations, annotation_mask
 from slsd_cli.errors import InputError
 
 

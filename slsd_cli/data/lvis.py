@@ -451,7 +451,7 @@ def load_annotations(path: str | Path, require_annotations: bool = True) -> Anno
         return Annotations(path=path, data=data, protocol=protocol)
 
 
-# ---------------------------------------------------------------- masks and images
+# ---------------------------------------------------------------- masks (images: slsd_cli/data/images.py)
 
 
 def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
@@ -475,24 +475,6 @@ def encode_mask(mask: np.ndarray | torch.Tensor) -> dict:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
-
-
-def load_image(path: str | Path, record: Any = None) -> torch.Tensor:
-    """Decode an image file to a uint8 RGB tensor [3, H, W]; a missing or unreadable file is an
-    InputError naming it. (Pillow: torchvision's decoders are deprecated since 0.29.)"""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("image file not found", path=path, record=record)
-    try:
-        with Image.open(path) as img:
-            array = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-        raise InputError(f"unreadable image ({exc})", path=path, record=record) from exc
-    import torch
-
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def dataset_dict(images: list[dict], annotations: list[dict], categories: list[dict],

@@ -73,13 +73,24 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
+def pil_bilinear_resize(image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [3, H, W] -> [3, h, w] by Pillow's bilinear resize, the reference's test-time
+    interpolation (detectron2's `ResizeTransform` on a uint8 image; antialiased when shrinking)."""
+    from PIL import Image
+
+    array = np.ascontiguousarray(image.as_subclass(torch.Tensor).permute(1, 2, 0).numpy())
+    resized = Image.fromarray(array).resize((out_size[1], out_size[0]), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(resized).transpose(2, 0, 1)))
+
+
 def apply_geometry(sample: Sample, out_size: tuple[int, int], flip: bool = False,
                    crop: tuple[int, int, int, int] | None = None, drop_empty: bool = False,
-                   recompute_boxes: bool = False) -> Sample:
+                   recompute_boxes: bool = False, pil_image: bool = False) -> Sample:
     """Flip (optional), resize to `out_size` (h, w), then crop `(top, left, height, width)` of the
     resized image. Boxes are transformed with the same map; those the crop cuts (or all, with
     `recompute_boxes`) are recomputed as the tight boxes of their transformed masks. With
-    `drop_empty`, instances whose mask is empty afterwards are dropped."""
+    `drop_empty`, instances whose mask is empty afterwards are dropped. The image is resized by
+    torchvision's antialiased bilinear, or with `pil_image` (a uint8 image) by Pillow's bilinear."""
     image = sample["image"]
     in_h, in_w = image.shape[-2:]
     out_h, out_w = out_size
@@ -87,7 +98,10 @@ def apply_geometry(sample: Sample, out_size: tuple[int, int], flip: bool = False
 
     if flip:
         image = F.horizontal_flip(image)
-    image = F.resize(image, [out_h, out_w], antialias=True)
+    if pil_image and image.dtype == torch.uint8:
+        image = pil_bilinear_resize(image, (out_h, out_w))
+    else:
+        image = F.resize(image, [out_h, out_w], antialias=True)
     if (top, left, ch, cw) != (0, 0, out_h, out_w):
         image = F.crop(image, top, left, ch, cw)
 
@@ -182,23 +196,42 @@ class LargeScaleJitter:
         return f"LargeScaleJitter(size={self.size}, scale_range={self.scale_range}, flip_prob={self.flip_prob})"
 
 
-class ResizeLongest:
-    """Deterministic test resize: the longest edge becomes `size` (ViTDet's shortest-edge `size`
-    capped at max `size`); padding is left to `collate`."""
+def shortest_edge_size(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
+    """(h, w) of detectron2's `ResizeShortestEdge` (the EVA-02 / ViTDet test resize), computed as
+    it does: the short edge scaled to `short_edge`, then both sides scaled down so the long edge is
+    at most `max_size`, in floats, each rounded with int(x + 0.5) (not round(): 62.5 -> 63)."""
+    size = float(short_edge)
+    scale = size / min(height, width)
+    if height < width:
+        new_h, new_w = size, scale * width
+    else:
+        new_h, new_w = scale * height, size
+    if max(new_h, new_w) > max_size:
+        scale = max_size * 1.0 / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
-    def __init__(self, size: int):
-        if size <= 0:
-            raise ValueError(f"size must be positive, got {size}")
+
+class ResizeShortestEdge:
+    """Deterministic test resize as the reference's: the shortest edge becomes `size`, capped so the
+    longest is at most `max_size` (default `size`: the longest edge becomes `size`), sizes rounded
+    as detectron2 does (`shortest_edge_size`), the image resized by Pillow's bilinear (as the
+    reference reads a uint8 image); padding is left to `collate`. `scale` records the mean of the
+    two axes' factors; predictions are mapped back per axis from the input size (`to_results`)."""
+
+    def __init__(self, size: int, max_size: int | None = None):
+        if size <= 0 or (max_size is not None and max_size <= 0):
+            raise ValueError(f"sizes must be positive, got {size}, {max_size}")
         self.size = int(size)
+        self.max_size = int(max_size if max_size is not None else size)
 
     def __call__(self, sample: Sample) -> Sample:
         h, w = sample["image"].shape[-2:]
-        factor = self.size / max(h, w)
-        out_h, out_w = max(1, round(h * factor)), max(1, round(w * factor))
-        return apply_geometry(sample, (out_h, out_w))
+        out_size = shortest_edge_size(int(h), int(w), self.size, self.max_size)
+        return apply_geometry(sample, out_size, pil_image=True)
 
     def __repr__(self) -> str:
-        return f"ResizeLongest(size={self.size})"
+        return f"ResizeShortestEdge(size={self.size}, max_size={self.max_size})"
 
 
 def pad_to(sample: Sample, height: int, width: int) -> Sample:
@@ -220,8 +253,9 @@ def lsj_transform(size: int, scale_range: tuple[float, float] = (0.1, 2.0), flip
 
 
 def test_transform(size: int) -> Callable[[Sample], Sample]:
-    """Test transform: resize so the longest edge is `size`; records `scale`."""
-    return ResizeLongest(size)
+    """Test transform: the reference's shortest-edge resize capped at `size` (so the longest edge
+    becomes `size`, rounded as detectron2 rounds); records `scale`."""
+    return ResizeShortestEdge(size, size)
 
 
 test_transform.__test__ = False  # not a pytest test, even when imported into a test module

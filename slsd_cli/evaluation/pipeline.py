@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slsd_cli.errors import InputError
+from slsd_cli.inference.predictor import check_test_options, test_options
 from slsd_cli.io import FileSet, atomic_write_json, check_output
 from slsd_cli.progress import info, warn
 
@@ -66,6 +67,10 @@ class EvalConfig:
     workers: int = 0
     amp: str = "auto"
     force: bool = False
+    soft_nms: str | None = None  # with checkpoint: none, linear or gaussian (None: the model's test_soft_nms)
+    soft_nms_iou: float | None = None
+    soft_nms_sigma: float | None = None
+    maskness: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,6 +82,15 @@ class EvalConfig:
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise InputError(f"--protocol must be lvis or coco, got {self.protocol!r}")
         parse_iou_types(self.iou_type)
+        if self.test_options and self.checkpoint is None:
+            raise InputError("--soft-nms, --soft-nms-iou, --soft-nms-sigma and --maskness post-process a "
+                             "--checkpoint's detections; a --detections file is scored as it is")
+        check_test_options(self.test_options)
+
+    @property
+    def test_options(self) -> dict[str, Any]:
+        """The model test keys set for this run (`Predictor`'s `test_options`)."""
+        return test_options(self.soft_nms, self.soft_nms_iou, self.soft_nms_sigma, self.maskness)
 
     @property
     def iou_types(self) -> tuple[str, ...] | None:
@@ -147,7 +161,10 @@ def _predict(cfg: EvalConfig) -> tuple[Any, FileSet | None]:
     det_out = cfg.detections_out
     with distributed.session() as dist:
         ann = load_annotations(cfg.annotations)
-        predictor = load_predictor(cfg.checkpoint, cfg.model, dist.device, image_size=cfg.image_size, amp=cfg.amp)
+        predictor = load_predictor(cfg.checkpoint, cfg.model, dist.device, image_size=cfg.image_size, amp=cfg.amp,
+                                   test_options=cfg.test_options)
+        if cfg.amp == "auto" and dist.is_main:
+            info(predictor.precision_note())
         # detections.json and metrics.json are one set: staged, renamed into place together (io.FileSet)
         outputs = FileSet([det_out, cfg.metrics_out], cfg.force, main=dist.is_main)
         try:

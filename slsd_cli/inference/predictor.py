@@ -10,7 +10,10 @@ owns what must be the same everywhere:
   max(model image_size, test image_size), a CNN a size-divisible box (`CascadeMaskRCNN.preprocess`);
   so an image's detections never depend on the other images of its batch;
 - the score threshold (`predict(..., score_threshold=)`, default the model's `test_score_threshold`);
-- precision: `amp` auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16;
+- the post-processing: the model's test keys, or per run `test_options` ({"test_soft_nms": "linear",
+  "test_maskness": 0.5, ...}: `ModelConfig` keys, checked as a recipe's);
+- precision: `amp` auto (bf16 autocast on CUDA, fp32 on CPU and for a checkpoint converted from the
+  EVA-02 reference), fp32, bf16 or fp16; `precision_note` says what was chosen;
 - backbone features (`features`) over the same canvas, with the valid extent of each image.
 
 Tensor contract: `images` float/uint8 [B, 3, H, W] RGB 0..255, zero-padded at the bottom/right;
@@ -33,23 +36,25 @@ import torch
 from torch import Tensor, nn
 
 from slsd_cli.errors import InputError
-from slsd_cli.precision import AMP_CHOICES, amp_dtype
+from slsd_cli.precision import AMP_CHOICES, inference_amp_dtype
 
 
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The inference autocast dtype (None: fp32). auto = bf16 on CUDA, fp32 elsewhere."""
+def autocast_dtype(amp: str, device: torch.device, converted: bool = False) -> torch.dtype | None:
+    """The inference autocast dtype (None: fp32). auto = bf16 on CUDA, fp32 elsewhere and for a
+    `converted` checkpoint (`precision.inference_amp_dtype`)."""
     if amp not in AMP_CHOICES:
         raise InputError(f"--amp must be one of {', '.join(AMP_CHOICES)}, got {amp!r}")
     if amp == "fp16" and device.type != "cuda":
         raise InputError("--amp fp16 needs a CUDA device (use fp32 or bf16 on the CPU)")
-    return amp_dtype(amp, device)
+    return inference_amp_dtype(amp, device, converted)[0]
 
 
 class Predictor:
     """A detector ready for inference: eval mode, its categories, test size and precision."""
 
     def __init__(self, model: nn.Module, category_ids: list[int], *, categories: list[dict] | None = None,
-                 image_size: int | None = None, amp: str = "auto", meta: dict[str, Any] | None = None):
+                 image_size: int | None = None, amp: str = "auto", meta: dict[str, Any] | None = None,
+                 test_options: dict[str, Any] | None = None):
         self.model = model.module if hasattr(model, "module") else model  # unwrap DDP
         self.category_ids = [int(c) for c in category_ids]
         if len(self.category_ids) != self.model.num_classes:
@@ -62,14 +67,21 @@ class Predictor:
             raise InputError(f"image size must be positive, got {self.image_size}")
         # the square a ViT sees: never smaller than the one it was trained on
         self.canvas = max(trained, self.image_size)
-        self.amp = amp
-        self.dtype = autocast_dtype(amp, self.device)
         self.meta = meta or {}
+        self.amp = amp
+        self.dtype = autocast_dtype(amp, self.device, converted=bool(self.meta.get("converted_from")))
+        self.test_options = {k: v for k, v in (test_options or {}).items() if v is not None}
+        self.options = self.model.cfg
+        if self.test_options:
+            from slsd_cli.typed_yaml import apply_flags
+
+            self.options = apply_flags(self.model.cfg, self.test_options)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_run(cls, run: str | Path, kind: str = "student", device: str | torch.device | None = None,
-                 image_size: int | None = None, amp: str = "auto") -> "Predictor":
+                 image_size: int | None = None, amp: str = "auto",
+                 test_options: dict[str, Any] | None = None) -> "Predictor":
         """Load a run's student (RUN/) or teacher (RUN/teacher/), or a model.safetensors file."""
         from slsd_cli import distributed
         from slsd_cli.run_dir import resolve_model
@@ -79,7 +91,7 @@ class Predictor:
             device = distributed.init().device
         model, meta = load_detector(resolve_model(run, kind), device)
         return cls(model, [c["id"] for c in meta["categories"]], categories=meta["categories"],
-                   image_size=image_size, amp=amp, meta=meta)
+                   image_size=image_size, amp=amp, meta=meta, test_options=test_options)
 
     def with_options(self, image_size: int | None = None, amp: str | None = None,
                      category_ids: list[int] | None = None) -> "Predictor":
@@ -89,7 +101,11 @@ class Predictor:
         same_ids = category_ids is None or list(category_ids) == self.category_ids
         return Predictor(self.model, self.category_ids if same_ids else category_ids,
                          categories=self.categories if same_ids else None, image_size=image_size or self.image_size,
-                         amp=amp or self.amp, meta=self.meta)
+                         amp=amp or self.amp, meta=self.meta, test_options=self.test_options)
+
+    def precision_note(self) -> str:
+        """One line: the precision this predictor runs in, and why."""
+        return inference_amp_dtype(self.amp, self.device, bool(self.meta.get("converted_from")))[1]
 
     @property
     def device(self) -> torch.device:
@@ -108,7 +124,8 @@ class Predictor:
 
     # ------------------------------------------------------------------ inference
     def transform(self):
-        """The test transform: resize so the longest edge is `image_size` (records `scale`)."""
+        """The test transform: the reference's resize (shortest edge, capped so the longest is
+        `image_size`; detectron2's rounding, Pillow's bilinear)."""
         from slsd_cli.data.transforms import test_transform
 
         return test_transform(self.image_size)
@@ -119,7 +136,7 @@ class Predictor:
         """Detections per image (see `CascadeMaskRCNN.predict`); float32 outputs whatever the amp."""
         with self._precision():
             dets = self.model.predict(images.to(self.device), image_sizes, score_threshold=score_threshold,
-                                      canvas=self.canvas)
+                                      canvas=self.canvas, options=self.options)
         return [{k: (v.float() if torch.is_floating_point(v) else v) for k, v in d.items()} for d in dets]
 
     @torch.no_grad()
@@ -151,7 +168,25 @@ class Predictor:
         return self.canvas if self.model.backbone.square_canvas else None
 
 
+def test_options(soft_nms: str | None = None, soft_nms_iou: float | None = None, soft_nms_sigma: float | None = None,
+                 maskness: float | None = None) -> dict[str, Any]:
+    """The model test keys that `--soft-nms`, `--soft-nms-iou`, `--soft-nms-sigma` and `--maskness`
+    set for one run of eval / predict (only those given)."""
+    given = {"test_soft_nms": soft_nms, "test_soft_nms_iou": soft_nms_iou, "test_soft_nms_sigma": soft_nms_sigma,
+             "test_maskness": maskness}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def check_test_options(options: dict[str, Any]) -> None:
+    """Type and range of each test option, as a recipe's model keys are checked (one-line error)."""
+    if options:
+        from slsd_cli.model.model_config import ModelConfig
+        from slsd_cli.typed_yaml import apply_flags
+
+        apply_flags(ModelConfig(), options)
+
+
 def load_predictor(run: str | Path, kind: str = "student", device: str | torch.device | None = None,
-                   image_size: int | None = None, amp: str = "auto"):
+                   image_size: int | None = None, amp: str = "auto", test_options: dict[str, Any] | None = None):
     """A `Predictor` for a run's student (default) or teacher."""
-    return Predictor.from_run(run, kind, device=device, image_size=image_size, amp=amp)
+    return Predictor.from_run(run, kind, device=device, image_size=image_size, amp=amp, test_options=test_options)

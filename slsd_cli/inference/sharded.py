@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from slsd_cli import distributed
+from slsd_cli import distributed, interrupts
 from slsd_cli.data.lvis import Annotations
 from slsd_cli.errors import InputError, worker_errors
 from slsd_cli.data.results import write_results
@@ -39,15 +39,6 @@ def _images_only(annotations: Annotations) -> Annotations:
     """The same images without ground truth, so the dataset does not rasterise masks it won't use."""
     return Annotations(path=annotations.path, data={**annotations.data, "annotations": []},
                        protocol=annotations.protocol)
-
-
-def _top_by_score(det: dict, max_dets: int) -> dict:
-    scores = det["scores"]
-    if scores.numel() <= max_dets:
-        return det
-    keep = torch.sort(scores, descending=True, stable=True).indices[:max_dets]
-    return {k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == scores.shape[0] else v)
-            for k, v in det.items()}
 
 
 def predict_to_results(model, annotations: Annotations, images_dir: str | Path, out_path: str | Path, *,
@@ -100,7 +91,8 @@ def predict_to_results(model, annotations: Annotations, images_dir: str | Path, 
     mine = [image_ids[i] for i in distributed.shard_indices(len(image_ids))]
     dataset = InstanceDataset(_images_only(annotations), images_dir, predictor.transform(), image_ids=mine)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=partial(collate, size_divisibility=32))
+                                         collate_fn=partial(collate, size_divisibility=32),
+                                         worker_init_fn=interrupts.worker_init)
     shard = shard_path(out_path, rank)
     if distributed.is_main():  # shards a killed run left behind
         remove_leftovers(out_path.parent, f"{out_path.name}.rank*.jsonl", f".{out_path.name}.rank*.jsonl.*.tmp")
@@ -110,9 +102,10 @@ def predict_to_results(model, annotations: Annotations, images_dir: str | Path, 
         count = 0
         for batch in worker_errors(loader):
             dets = predictor.predict(batch.images, batch.image_sizes, score_threshold=score_threshold)
-            for det, image_id, scale, orig_size in zip(dets, batch.image_ids, batch.scales, batch.orig_sizes):
-                det = _top_by_score(det, max_dets)
-                for record in to_results(det, image_id, category_ids, scale, orig_size, with_probs=with_probs):
+            for det, image_id, input_size, orig_size in zip(dets, batch.image_ids, batch.image_sizes,
+                                                            batch.orig_sizes):
+                for record in to_results(det, image_id, category_ids, None, orig_size, with_probs=with_probs,
+                                         input_size=input_size, max_dets=max_dets):
                     handle.write(json.dumps(record, allow_nan=False) + "\n")
                     count += 1
             # rank 0's bar advances by the work of all ranks, assuming they move at one pace

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from slsd_cli import distributed
-from slsd_cli.data.lvis import Annotations, annotation_mask, load_image
+from slsd_cli.data.images import load_image
+from slsd_cli.data.lvis import Annotations, annotation_mask
 from slsd_cli.errors import InputError
 from slsd_cli.labels.smoothing import PrototypeAccumulator, cosine_similarity
 from slsd_cli.model.timm_models import create_timm_model, is_timm_model

@@ -197,44 +197,50 @@ class CascadeMaskRCNN(nn.Module):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict(self, images: Tensor, image_sizes: list[tuple[int, int]], score_threshold: float | None = None,
-                canvas: int | None = None) -> list[dict]:
+                canvas: int | None = None, options: ModelConfig | None = None) -> list[dict]:
+        """`options`: a config whose test keys (NMS or soft-NMS, maskness, max_detections, score
+        threshold) replace this model's for this call (`Predictor`'s per-run settings)."""
         was_training = self.training
         self.eval()
         try:
-            threshold = self.cfg.test_score_threshold if score_threshold is None else float(score_threshold)
-            return self._predict(images, [(int(h), int(w)) for h, w in image_sizes], threshold, canvas)
+            options = self.cfg if options is None else options
+            threshold = options.test_score_threshold if score_threshold is None else float(score_threshold)
+            return self._predict(images, [(int(h), int(w)) for h, w in image_sizes], threshold, canvas, options)
         finally:
             self.train(was_training)
 
     def _predict(self, images: Tensor, image_sizes: list[tuple[int, int]], score_threshold: float,
-                 canvas: int | None) -> list[dict]:
-        from torchvision.ops import batched_nms
+                 canvas: int | None, options: ModelConfig) -> list[dict]:
+        from slsd_cli.model.nms import rescore_by_maskness, select_detections
 
-        cfg = self.cfg
         x = self.preprocess(images, image_sizes, canvas)
         features = self.backbone(x)
         proposals, _ = self.rpn(features, image_sizes)
         boxes, probs = self.roi_heads.forward_test(features[:4], proposals, image_sizes)
-        results = []
-        for b, p in zip(boxes, probs):
-            valid = torch.isfinite(b).all(1) & torch.isfinite(p).all(1)
-            cand = (p > score_threshold) & valid.unsqueeze(1)
-            roi, cls = torch.nonzero(cand, as_tuple=True)
-            scores = p[roi, cls]
-            keep = batched_nms(b[roi], scores, cls, cfg.test_nms)[:cfg.max_detections]
-            roi, cls = roi[keep], cls[keep]
-            results.append({"boxes": b[roi], "scores": scores[keep], "labels": cls, "probs": p[roi]})
-        # masks for the kept detections, on the predicted class
-        det_boxes = [r["boxes"] for r in results]
-        m = 2 * cfg.mask_pool_size
-        if sum(len(d) for d in det_boxes):
-            logits = self.mask_head(self.mask_pooler(features[:4], det_boxes))
-            mask_probs = torch.sigmoid(select_class(logits, torch.cat([r["labels"] for r in results])).float())
-        else:
-            mask_probs = x.new_zeros((0, m, m))
-        for r, mp in zip(results, mask_probs.split([len(d) for d in det_boxes])):
+        results = [select_detections(b, p, score_threshold, options.test_nms, options.max_detections,
+                                     options.test_soft_nms, options.test_soft_nms_iou, options.test_soft_nms_sigma)
+                   for b, p in zip(boxes, probs)]
+        mask_probs = self._mask_probs(features[:4], results, x)
+        for r, mp in zip(results, mask_probs.split([len(r["boxes"]) for r in results])):
             r["mask_probs"] = mp
+        if options.test_maskness is not None:
+            results = [rescore_by_maskness(r, options.test_maskness) for r in results]
         return results
+
+    def _mask_probs(self, features: list[Tensor], results: list[dict], x: Tensor, chunk: int = 512) -> Tensor:
+        """Mask probabilities [N, M, M] of the detections on their predicted class, `chunk` RoIs at a
+        time (soft-NMS can keep thousands; the class-specific logits are [n, C, M, M])."""
+        m = 2 * self.cfg.mask_pool_size
+        boxes = torch.cat([torch.cat([torch.full_like(r["boxes"][:, :1], i), r["boxes"]], dim=1)
+                           for i, r in enumerate(results)])
+        labels = torch.cat([r["labels"] for r in results])
+        out = [x.new_zeros((0, m, m), dtype=torch.float32)]
+        for start in range(0, len(labels), chunk):
+            rois = boxes[start:start + chunk]
+            per_image = [rois[rois[:, 0] == i, 1:] for i in range(len(results))]
+            logits = self.mask_head(self.mask_pooler(features, per_image))
+            out.append(torch.sigmoid(select_class(logits, labels[start:start + chunk]).float()))
+        return torch.cat(out)
 
     @torch.no_grad()
     def background_scorers(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> list:

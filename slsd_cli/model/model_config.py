@@ -88,7 +88,12 @@ class ModelConfig:
     # ---- inference
     test_score_threshold: float = ranged(0.02, "[0, 1]")
     test_nms: float = ranged(0.5, "(0, 1]")
-    max_detections: int = ranged(300, "[1, inf)")
+    max_detections: int = ranged(300, "[1, inf)")           # per image, after hard NMS (soft-NMS keeps all)
+    # class-wise soft-NMS instead of test_nms (model/nms.py; the EVA-02 "sys" evaluation: linear, IoU 0.6)
+    test_soft_nms: Literal["none", "linear", "gaussian"] = "none"
+    test_soft_nms_iou: float = ranged(0.3, "[0, 1]")        # linear: scores decay by 1 - IoU at IoU >= this
+    test_soft_nms_sigma: float = ranged(0.5, "(0, inf)")    # gaussian: scores decay by exp(-IoU^2 / sigma)
+    test_maskness: Optional[float] = ranged(None, "[0, 1)") # score x mean mask probability above this (sys: 0.5)
     # ---- input normalisation (RGB 0..255)
     pixel_mean: list[float] = ranged(default_factory=lambda: [123.675, 116.28, 103.53], interval="[0, 255]")
     pixel_std: list[float] = ranged(default_factory=lambda: [58.395, 57.12, 57.375], interval="(0, inf)")
@@ -117,7 +122,7 @@ NON_NETWORK_KEYS = ("drop_path", "grad_checkpointing", "rpn_iou_thresholds", "rp
                     "rpn_positive_fraction", "rpn_pre_nms_topk_train", "rpn_post_nms_topk_train", "rois_per_image",
                     "positive_fraction", "cascade_ious", "use_federated", "federated_num_classes", "federated_power",
                     "rpn_nms", "rpn_pre_nms_topk_test", "rpn_post_nms_topk_test", "test_score_threshold", "test_nms",
-                    "max_detections")
+                    "max_detections", "test_soft_nms", "test_soft_nms_iou", "test_soft_nms_sigma", "test_maskness")
 
 
 def tiny_cnn_config(**overrides) -> ModelConfig:

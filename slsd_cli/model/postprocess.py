@@ -2,8 +2,10 @@
 
 `paste_masks` resamples each 28x28 mask probability map into its box on an H x W canvas (bilinear,
 only over the box's pixels, zero outside). `to_results` maps one image's detections back to the
-original image (divide by the resize scale, clip), binarises masks at 0.5 and RLE-encodes them
-with pycocotools (counts as str, json-ready).
+original image as the reference's `detector_postprocess` does: boxes scaled per axis (file width /
+input width, file height / input height), clipped to the image, those left empty dropped; masks
+pasted into the clipped boxes, binarised at >= 0.5 and RLE-encoded with pycocotools (counts as str,
+json-ready); [x, y, w, h] computed in float32, as the reference's results writer does.
 """
 
 from __future__ import annotations
@@ -55,35 +57,53 @@ def encode_masks(masks: Tensor) -> list[dict]:
     return rles
 
 
-def to_results(det: dict, image_id: int, category_ids: list[int], scale: float | tuple[float, float],
-               orig_size: tuple[int, int], with_probs: bool = False) -> list[dict]:
+def back_to_image(boxes: Tensor, input_size: tuple[int, int], orig_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Boxes [N, 4] xyxy on the model input of (h, w) `input_size` -> (the boxes on the original
+    image of (h, w) `orig_size`, scaled per axis and clipped; the mask of those not empty)."""
+    scale_x, scale_y = orig_size[1] / input_size[1], orig_size[0] / input_size[0]
+    boxes = boxes.clone()
+    boxes[:, 0::2] *= scale_x  # a float32 tensor times a Python float, as the reference scales
+    boxes[:, 1::2] *= scale_y
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=orig_size[1])
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=orig_size[0])
+    return boxes, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
+def to_results(det: dict, image_id: int, category_ids: list[int], scale: float | tuple[float, float] | None,
+               orig_size: tuple[int, int], with_probs: bool = False,
+               input_size: tuple[int, int] | None = None, max_dets: int | None = None) -> list[dict]:
     """One image's `predict` output -> LVIS/COCO result dicts in original-image coordinates.
 
-    scale: the resize factor original -> model input (or (sx, sy)); orig_size: (height, width).
-    with_probs adds "probs", the full per-class probability vector (contiguous class order)."""
+    input_size: the (height, width) of the resized image the model saw (`Batch.image_sizes`); boxes
+    are scaled per axis to orig_size (height, width). Without it, `scale` (the resize factor
+    original -> input, or (sx, sy)) gives the input size. max_dets: keep the top ones by score
+    (after the empty boxes are dropped, as the reference's evaluator sees them). with_probs adds
+    "probs", the full per-class probability vector (contiguous class order)."""
     height, width = int(orig_size[0]), int(orig_size[1])
-    sx, sy = (scale, scale) if isinstance(scale, (int, float)) else scale
-    boxes = det["boxes"].detach().float().cpu().clone()
-    boxes[:, 0::2] /= float(sx)
-    boxes[:, 1::2] /= float(sy)
-    clipped = boxes.clone()
-    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
-    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
-    scores = det["scores"].detach().float().cpu().tolist()
-    labels = det["labels"].detach().cpu().tolist()
+    if input_size is None:
+        sx, sy = (scale, scale) if isinstance(scale, (int, float)) else scale
+        input_size = (height * float(sy), width * float(sx))
+    boxes, nonempty = back_to_image(det["boxes"].detach().float().cpu(), input_size, (height, width))
+    keep = torch.nonzero(nonempty).squeeze(1)
+    if max_dets is not None and len(keep) > max_dets:
+        top = torch.sort(det["scores"].detach().float().cpu()[keep], descending=True, stable=True).indices
+        keep = keep[top[:max_dets]]
+    boxes = boxes[keep]
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores = det["scores"].detach().float().cpu()[keep].tolist()
+    labels = det["labels"].detach().cpu()[keep].tolist()
     mask_probs = det.get("mask_probs")
-    probs = det["probs"].detach().float().cpu() if with_probs else None
+    mask_probs = mask_probs.detach().float().cpu()[keep] if mask_probs is not None else None
+    probs = det["probs"].detach().float().cpu()[keep] if with_probs else None
     results = []
     for start in range(0, len(scores), PASTE_CHUNK):
         stop = min(start + PASTE_CHUNK, len(scores))
         rles = None
         if mask_probs is not None:
-            pasted = paste_masks(mask_probs[start:stop].detach().float().cpu(), boxes[start:stop], height, width)
-            rles = encode_masks(pasted > 0.5)
+            rles = encode_masks(paste_masks(mask_probs[start:stop], boxes[start:stop], height, width) >= 0.5)
         for j in range(start, stop):
-            x1, y1, x2, y2 = clipped[j].tolist()
             res = {"image_id": int(image_id), "category_id": int(category_ids[labels[j]]),
-                   "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(scores[j])}
+                   "bbox": xywh[j], "score": float(scores[j])}
             if rles is not None:
                 res["segmentation"] = rles[j - start]
             if probs is not None:

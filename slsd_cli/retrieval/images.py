@@ -7,8 +7,9 @@ items are object crops: a square around the box, enlarged by a context margin on
 inside the image, resized to the embedder's input size. Pool items are whole images resized to the
 input size (aspect not kept, so no object at a border is cut off).
 
-Decoding uses Pillow (JPEG pool images are decoded at a reduced DCT scale when they are much
-larger than the embedder input). `ItemDataset` decodes in DataLoader workers and never raises for
+Decoding goes through the one image reader (`slsd_cli.data.images`: EXIF orientation, modes,
+pixel limit; JPEG pool images are decoded at a reduced DCT scale when they are much larger than
+the embedder input). `ItemDataset` decodes in DataLoader workers and never raises for
 an unreadable file: it returns the error message so the caller can either stop with an InputError
 naming the file or count and skip it (`--skip-bad-images`).
 """
@@ -24,9 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
+from slsd_cli.data.images import check_regular_file, decode_rgb, displayed_size, open_image
 from slsd_cli.data.lvis import image_file_name
 from slsd_cli.errors import InputError
 from slsd_cli.io import read_json
@@ -227,15 +229,18 @@ class ItemDataset(torch.utils.data.Dataset):
                                # numpy zeros: torch.zeros would start torch's thread pool per image
                                "image": torch.from_numpy(np.zeros((3, *self.input_size), dtype=np.uint8))}
         try:
-            data = Path(item.path).read_bytes()
+            data = check_regular_file(item.path).read_bytes()  # never opens a FIFO or a device
+        except InputError as exc:
+            out["error"] = exc.message
+            return out
         except OSError as exc:
             out["error"] = "image file not found" if isinstance(exc, FileNotFoundError) else f"unreadable file ({exc})"
             return out
         if self.hash_files:
             out["hash"] = content_hash(data)
         try:
-            with Image.open(io.BytesIO(data)) as pil:
-                width, height = pil.size
+            with open_image(io.BytesIO(data), path=item.path, record=item.record) as pil:  # the one reader
+                width, height = displayed_size(pil)
                 if item.expected_size is not None and item.expected_size != (width, height):
                     out["size"] = (width, height)
                     out["error"] = (f"image is {width}x{height} but its record says "
@@ -245,7 +250,7 @@ class ItemDataset(torch.utils.data.Dataset):
                     # JPEG: decode at a reduced DCT scale that still covers twice the input size (much
                     # faster for large pool images); other formats ignore the request
                     pil.draft("RGB", (2 * self.input_size[1], 2 * self.input_size[0]))
-                rgb = pil.convert("RGB")
+                rgb = decode_rgb(pil, path=item.path, record=item.record)
                 if item.box is not None:
                     x0, y0, cw, ch = crop_window(item.box, width, height, self.margin)
                     rgb = rgb.crop((x0, y0, x0 + cw, y0 + ch))
@@ -254,11 +259,11 @@ class ItemDataset(torch.utils.data.Dataset):
                 # [3, H, W] with numpy: a torch permute/contiguous would wake torch's thread pool for
                 # every image, which costs more than the copy on a busy machine
                 pixels = np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1))
-        except Exception as exc:  # Pillow raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-            if isinstance(exc, UnidentifiedImageError):
-                message = "not a recognised image format"
-            else:
-                message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        except InputError as exc:  # the reader's one-line message (unreadable, truncated, too large)
+            out["error"] = exc.message
+            return out
+        except Exception as exc:  # Pillow raises many types while cropping and resizing too
+            message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             out["error"] = f"unreadable image ({message})"
             return out
         out["size"] = (width, height)

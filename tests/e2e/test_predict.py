@@ -13,7 +13,7 @@ import torch
 from slsd_cli.cli import main
 from slsd_cli.data.lvis import load_annotations
 from slsd_cli.errors import InputError
-from slsd_cli.inference.predict import collect_images
+from slsd_cli.inference.image_sources import collect_images
 from slsd_cli.data.results import read_results
 
 

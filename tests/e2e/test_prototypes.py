@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from slsd_cli.model import timm_models
-from slsd_cli.data.lvis import annotation_mask, load_annotations, load_image
+from slsd_cli.data.images import load_image
+from slsd_cli.data.lvis import annotation_mask, load_annotations
 from slsd_cli.data.synthetic import generate
 from slsd_cli.labels import prototypes as protos
 from slsd_cli.labels.smoothing import cosine_similarity, load_prototypes

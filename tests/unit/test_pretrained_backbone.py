@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from slsd_cli.model import timm_models
-from slsd_cli.data.lvis import load_image
+from slsd_cli.data.images import load_image
 from slsd_cli.errors import InputError
 from slsd_cli.io import load_torch_file
 from tests.helpers.paths import COCO_39769

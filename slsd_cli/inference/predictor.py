@@ -1,8 +1,10 @@
 """`Predictor`: the one way to run a trained detector (as SAM's `SamPredictor`).
 
-Every user of a trained model goes through it: `slsd eval / calibrate / predict --checkpoint`, the
-distillation teacher, class prototypes from a checkpoint and the `slsd:RUN` retrieval embedder. It
-owns what must be the same everywhere:
+Every user of a saved model goes through it: `slsd eval / calibrate / predict --checkpoint`, class
+prototypes from a checkpoint and the `slsd:RUN` retrieval embedder. (The distillation teacher does
+not: it is the EMA model inside a training step and calls `CascadeMaskRCNN.predict` directly on the
+weak views as collated for training; `engine/distill.py`, `DistillPhase.pseudo_labels`.) It owns
+what must be the same everywhere:
 
 - loading a run (`Predictor.from_run(RUN, kind="student"|"teacher")`: RUN/ or RUN/teacher/);
 - the test input: images resized so the longest edge is `image_size` (default: the model's), then

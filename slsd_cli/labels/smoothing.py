@@ -12,7 +12,7 @@
   `(1 - eps) * onehot(c) + eps * S'[c, :]`.
 
 The targets of every class are precomputed once as a `[C, C]` table; a ground-truth instance of
-class c takes row c (`engine.teacher.add_class_targets`), and the detector gives a proposal matched
+class c takes row c (`engine.labeled.add_class_targets`), and the detector gives a proposal matched
 to it that row and a background proposal the pure background target (`model.losses`).
 """
 

@@ -116,80 +116,97 @@ def file_content_hash(path: str | Path) -> bytes:
 
 
 def list_pool(pool: str | Path, pool_images: str | Path | None, first_folder_id: int = 1) -> PoolListing:
-    """The pool as a `PoolListing`. Three forms:
+    """The pool as a `PoolListing`, from one of three forms (one reader each):
 
-    * a folder: image files found recursively, sorted by relative path;
-    * a `.txt` list: one file name per line, relative to `pool_images` (streamed, the form for
-      very large pools);
-    * an LVIS/COCO-style json: `images: [{id, file_name | coco_url, width, height}]`, names relative
-      to `pool_images`.
+    * a folder (`read_pool_folder`): image files found recursively, sorted by relative path;
+    * a `.txt` list (`read_pool_list`): one file name per line, relative to `pool_images` (streamed,
+      the form for very large pools);
+    * an LVIS/COCO-style json (`read_pool_json`): `images: [{id, file_name | coco_url, width,
+      height}]`, names relative to `pool_images`.
 
     Folder and text pools get ids `first_folder_id, first_folder_id + 1, ...` in listing order (the
     caller starts them after the labeled set's largest id so the two never collide)."""
     pool = Path(pool)
     if pool.is_dir():
-        root = pool.resolve()
-        names = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            rel = os.path.relpath(dirpath, root)
-            for name in filenames:
-                if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                    names.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
-        if not names:
-            raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the pool folder", path=pool)
-        names.sort()
-        return PoolListing.from_names(root, names, ids=np.arange(len(names), dtype=np.int64) + first_folder_id)
+        return read_pool_folder(pool, first_folder_id)
     if not pool.exists():
         raise InputError("pool not found (a folder of images, a .txt list or an image-list json)", path=pool)
     root = Path(pool_images).resolve() if pool_images is not None else pool.resolve().parent
     if not root.is_dir():
         raise InputError("pool images folder not found", path=root)
     if pool.suffix.lower() == ".txt":
-        blob = bytearray()
-        offsets = [0]
-        with open(pool, "rb") as handle:
-            for line in handle:
-                line = line.strip()
-                if line:
-                    blob += line
-                    offsets.append(len(blob))
-        n = len(offsets) - 1
-        if n == 0:
-            raise InputError("the pool list names no images", path=pool)
-        try:
-            bytes(blob).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"the pool list is not utf-8 text ({exc})", path=pool) from exc
-        return PoolListing(root, bytes(blob), np.asarray(offsets, dtype=np.int64),
-                           np.arange(n, dtype=np.int64) + first_folder_id, np.zeros((n, 2), dtype=np.int32))
-    data = read_json(pool)
+        return read_pool_list(pool, root, first_folder_id)
+    return read_pool_json(pool, root)
+
+
+def read_pool_folder(folder: Path, first_id: int) -> PoolListing:
+    """The image files below `folder` (by suffix), sorted by relative path, ids from `first_id`."""
+    root = folder.resolve()
+    names = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                names.append(name if rel == "." else f"{rel}/{name}".replace(os.sep, "/"))
+    if not names:
+        raise InputError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the pool folder", path=folder)
+    names.sort()
+    return PoolListing.from_names(root, names, ids=np.arange(len(names), dtype=np.int64) + first_id)
+
+
+def read_pool_list(path: Path, root: Path, first_id: int) -> PoolListing:
+    """A text list, one file name (relative to `root`) per non-empty line, streamed into the blob
+    without a Python string per name; ids from `first_id`."""
+    blob = bytearray()
+    offsets = [0]
+    with open(path, "rb") as handle:
+        for line in handle:
+            line = line.strip()
+            if line:
+                blob += line
+                offsets.append(len(blob))
+    n = len(offsets) - 1
+    if n == 0:
+        raise InputError("the pool list names no images", path=path)
+    try:
+        bytes(blob).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the pool list is not utf-8 text ({exc})", path=path) from exc
+    return PoolListing(root, bytes(blob), np.asarray(offsets, dtype=np.int64),
+                       np.arange(n, dtype=np.int64) + first_id, np.zeros((n, 2), dtype=np.int32))
+
+
+def read_pool_json(path: Path, root: Path) -> PoolListing:
+    """An image-list json (`images: [...]` or a bare list): unique integer ids, a file name (or
+    coco_url) each, optional positive width / height (0 = not given)."""
+    data = read_json(path)
     records = data.get("images") if isinstance(data, dict) else data if isinstance(data, list) else None
     if not isinstance(records, list):
-        raise InputError("a pool json needs an 'images' list", path=pool)
+        raise InputError("a pool json needs an 'images' list", path=path)
     if not records:
-        raise InputError("the pool json lists no images", path=pool)
+        raise InputError("the pool json lists no images", path=path)
     seen: set[int] = set()
     names, ids = [], np.zeros(len(records), dtype=np.int64)
     sizes = np.zeros((len(records), 2), dtype=np.int32)
     for i, rec in enumerate(records):
         where = f"images[{i}]"
         if not isinstance(rec, dict) or "id" not in rec:
-            raise InputError("missing required key 'id'", path=pool, record=where)
+            raise InputError("missing required key 'id'", path=path, record=where)
         if not isinstance(rec["id"], int) or isinstance(rec["id"], bool):
-            raise InputError(f"id must be an integer, got {rec['id']!r}", path=pool, record=where)
+            raise InputError(f"id must be an integer, got {rec['id']!r}", path=path, record=where)
+        if not -2 ** 63 <= rec["id"] < 2 ** 63:
+            raise InputError(f"id {rec['id']} does not fit in 64 bits", path=path, record=where)
         if rec["id"] in seen:
-            raise InputError(f"duplicate id {rec['id']}", path=pool, record=where)
+            raise InputError(f"duplicate id {rec['id']}", path=path, record=where)
         seen.add(rec["id"])
-        if not rec.get("file_name") and not rec.get("coco_url"):
-            raise InputError("missing required key 'file_name' (or 'coco_url')", path=pool, record=where)
         for j, dim in enumerate(("width", "height")):
             value = rec.get(dim)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise InputError(f"{dim} must be a positive integer, got {value!r}", path=pool, record=where)
+                raise InputError(f"{dim} must be a positive integer, got {value!r}", path=path, record=where)
             sizes[i, j] = value or 0
         ids[i] = rec["id"]
-        names.append(image_file_name(rec))
+        names.append(image_file_name(rec, path=path, record=where))  # a relative name, checked
     return PoolListing.from_names(root, names, ids=ids, sizes=sizes)
 
 

@@ -1,6 +1,12 @@
 """Tensors on disk: `torch.save` written atomically, `torch.load` with `weights_only=True` only
 (a pickle that would build objects is named as such, never run), and safetensors (the shareable
 weights) with sorted, deterministic headers.
+
+Every tensor a torch file yields is checked against the storage the file gave it
+(`check_tensor_layout`): a view whose shape and strides reach beyond its storage, or that holds
+more elements than its storage (stride 0: a 4-byte file can describe a 10^6 x 10^6 tensor), is
+refused in one line naming the file and the tensor, before anything copies it. safetensors has no
+strides, and its reader refuses a header whose shape and dtype disagree with the bytes given.
 """
 
 from __future__ import annotations
@@ -8,7 +14,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from slsd_cli.errors import InputError
 from slsd_cli.io.files import atomic_path
@@ -74,7 +80,7 @@ def load_torch_file(path: str | Path, map_location: "str | torch.device" = "cpu"
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise next to the one line
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if _WEIGHTS_ONLY_REFUSAL in str(exc) and _builds_objects(path):
             raise InputError("holds objects other than tensors and plain containers; not loaded "
@@ -82,6 +88,38 @@ def load_torch_file(path: str | Path, map_location: "str | torch.device" = "cpu"
         raise InputError("unreadable checkpoint (not a torch checkpoint, or damaged)", path=path) from None
     except Exception as exc:  # torch raises several types for corrupt or foreign files
         raise InputError(f"unreadable checkpoint ({type(exc).__name__}: {_first_line(exc)})", path=path) from None
+    for name, tensor in _tensors_in(obj):
+        check_tensor_layout(tensor, name, path)
+    return obj
+
+
+def _tensors_in(obj: Any, prefix: str = "") -> "Iterator[tuple[str, torch.Tensor]]":
+    """Every tensor inside nested dicts / lists / tuples, with its path ('model.backbone.w', 'state.0')."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield prefix or "<tensor>", obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _tensors_in(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _tensors_in(value, f"{prefix}.{i}" if prefix else str(i))
+
+
+def check_tensor_layout(tensor: "torch.Tensor", name: str, path: str | Path) -> None:
+    """Refuse a tensor whose shape and strides do not fit the storage it was read with: its last
+    element past the storage's end, or more elements than the storage holds (a stride-0 or
+    overlapping view, which `.contiguous()` would blow up to shape-product bytes)."""
+    if tensor.is_meta or tensor.numel() == 0:
+        return
+    size = tensor.element_size()
+    capacity = tensor.untyped_storage().nbytes() // size - tensor.storage_offset()
+    reach = 1 + sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
+    if reach > capacity or tensor.numel() > capacity:
+        raise InputError(f"tensor {name!r} of shape {tuple(tensor.shape)} (strides {tuple(tensor.stride())}) "
+                         f"does not fit its stored {capacity} elements: a broadcast or overlapping view, not "
+                         "weights (re-save it with .contiguous())", path=path)
 
 
 # pickle opcodes that import or call something: what weights_only refuses in a well-formed pickle

@@ -14,7 +14,7 @@ Mapping rules (reference layout: baaivision/EVA `EVA-02/det`, detectron2 `ViT` +
   R3 SwiGLU `mlp.w1` / `w2` / `ffn_ln` / `w3` -> `mlp.fc1_g` / `fc1_x` / `norm` / `fc2`;
   R4 `backbone.net.pos_embed` [1, 1 + 14*14, D]: the class-token row dropped, the 14x14 table
      resampled to the run's grid (image_size / 16) by plain bicubic interpolation (no antialias), as
-     the reference does on every forward;
+     the reference does on every forward; computed in float64, cast once to the model's dtype;
   R5 simple feature pyramid `backbone.simfp_{2,3,4,5}.*` (deconvs, LayerNorm, 1x1 / 3x3 convs with
      `.norm`) -> `backbone.pyramid.scale4 / scale2 / outputs.{0..3}`;
   R6 RPN `proposal_generator.rpn_head.conv.conv{k}` (or `.conv` for one conv), `objectness_logits`,
@@ -25,12 +25,19 @@ Mapping rules (reference layout: baaivision/EVA `EVA-02/det`, detectron2 `ViT` +
   R9 class order: rows of `cls_score` (C + 1, background last) and of the mask `predictor` are
      permuted from the checkpoint's order (category ids ascending, as detectron2 registers LVIS) to
      the run's category order; the background row stays last;
-  R10 dropped: the RoPE buffers (`rope_win` / `rope_glb` `freqs_cos` / `freqs_sin`), the federated
-     loss weights (`box_predictor.{s}.fed_loss_cls_weights`) and `pixel_mean` / `pixel_std`
-     (recomputed, or checked against the recipe);
+  R10 dropped after a check (recomputed by slsd): the RoPE buffers. The reference's ViT holds two
+     shared tables, `rope_win` [window^2, head] and `rope_glb` [grid^2, head]; each attention block
+     holds the one it uses, so its state dict repeats them per block
+     (`blocks.N.attn.rope.freqs_{cos,sin}`). The shared tables must have the recipe's window and head
+     size and equal the RoPE slsd computes; every per-block copy must equal the shared table of its
+     kind (global in `model.global_blocks`, else windowed). A differing copy names the tensor (a
+     recipe whose global blocks are not the checkpoint's). Also dropped: the federated loss weights
+     (`box_predictor.{s}.fed_loss_cls_weights`, recomputed from the annotations) and `pixel_mean` /
+     `pixel_std` (checked against the recipe);
   R11 the converted model attends to padded window keys as the reference does
      (`model.window_key_mask: false`, for grids that are not a multiple of the window).
-A missing, misshapen or unknown tensor is an InputError naming the key.
+A missing, misshapen, unknown or non-finite tensor is an InputError naming the key, raised before
+the detector is built (the checks run against a skeleton on the meta device).
 
 `slsd convert` is `run_convert(ConvertConfig(...))`: the recipe's model section and the annotations'
 categories, then `convert_checkpoint` (read, map, load strictly, save the run directory).
@@ -39,18 +46,24 @@ categories, then `convert_checkpoint` (read, map, load strictly, save the run di
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from slsd_cli.errors import InputError
-from slsd_cli.model.eva02 import resample_pos_embed
+from slsd_cli.model.eva02 import default_global_blocks
 from slsd_cli.model.model_config import ModelConfig
+from slsd_cli.model.timm_models import resample_pos_grid
 
 NET = "backbone.net."
-DROPPED_SUFFIXES = ("rope_win.freqs_cos", "rope_win.freqs_sin", "rope_glb.freqs_cos", "rope_glb.freqs_sin",
-                    "fed_loss_cls_weights")
+DROPPED_SUFFIXES = ("fed_loss_cls_weights",)
+ROPE_PARTS = ("freqs_cos", "freqs_sin")
+BLOCK_ROPE = re.compile(r"^backbone\.net\.blocks\.(\d+)\.attn\.rope\.(freqs_cos|freqs_sin)$")
+RopeFn = Callable[[int, int], Tensor]  # (h, w) -> slsd's RoPE table sin|cos [h*w, 2*head]
 PIXEL_KEYS = ("pixel_mean", "pixel_std")
 STRIP_HINT = ("if you trust the file, save its state dict alone first (a one-line python command in "
               "docs/lvis_reproduction.md, 'Evaluate the released EVA-02-L LVIS model')")
@@ -175,8 +188,10 @@ def class_permutation(categories: list[dict], checkpoint_ids: list[int] | None =
 
 def convert_state_dict(state: dict[str, Tensor], cfg: ModelConfig, own: dict[str, Tensor],
                        categories: list[dict], checkpoint_ids: list[int] | None = None,
-                       source: str | Path = "checkpoint") -> dict[str, Tensor]:
-    """The reference `state` -> tensors for a model whose state dict is `own` (names and shapes)."""
+                       source: str | Path = "checkpoint", rope: RopeFn | None = None) -> dict[str, Tensor]:
+    """The reference `state` -> tensors for a model whose state dict is `own` (names, shapes and
+    dtypes; meta tensors will do). `rope` (slsd's RoPE for an h x w grid) also checks the values of
+    the reference's RoPE tables, not only their shapes."""
     _preset(cfg)
     num_stages = len(cfg.cascade_ious)
     mapping = key_map(cfg, num_stages)
@@ -187,12 +202,13 @@ def convert_state_dict(state: dict[str, Tensor], cfg: ModelConfig, own: dict[str
         raise InputError("a ViTDet (MAE ViT, relative positions) checkpoint: slsd's detector has an EVA-02 "
                          "backbone; only EVA-02 detectors convert", path=source)
     perm = torch.tensor(class_permutation(categories, checkpoint_ids))
-    used = set()
+    used = check_rope_buffers(state, cfg, source, rope)
     out: dict[str, Tensor] = {}
     for ours, theirs in mapping.items():
         if theirs not in state:
             raise InputError(f"missing tensor {theirs!r} (for {ours})", path=source)
         value = state[theirs]
+        _check_finite(value, theirs, source)
         used.add(theirs)
         if ours == "backbone.trunk.pos_embed":
             value = _pos_embed(value, own[ours], theirs, source)
@@ -219,33 +235,103 @@ def convert_state_dict(state: dict[str, Tensor], cfg: ModelConfig, own: dict[str
     return out
 
 
+def _check_finite(value: Tensor, key: str, source: str | Path) -> None:
+    if value.is_floating_point() and not value.is_meta:
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            raise InputError(f"tensor {key!r} holds {bad} non-finite values (NaN or inf): not usable weights",
+                             path=source)
+
+
+def check_rope_buffers(state: dict[str, Tensor], cfg: ModelConfig, source: str | Path,
+                       rope: RopeFn | None = None) -> set[str]:
+    """Check the reference's RoPE buffers (R10) and return their keys, to be dropped: the shared
+    `rope_win` / `rope_glb` tables have the recipe's window and head size (and, given `rope`,
+    slsd's values), and every per-block copy equals the shared table of its block's kind."""
+    preset = _preset(cfg)
+    depth = cfg.vit_depth or preset.depth
+    head = (cfg.vit_embed_dim or preset.embed_dim) // (cfg.vit_num_heads or preset.num_heads)
+    global_blocks = set(default_global_blocks(depth) if cfg.global_blocks is None else cfg.global_blocks)
+    checked: set[str] = set()
+    for table in ("rope_win", "rope_glb"):
+        for part in ROPE_PARTS:
+            key = f"{NET}{table}.{part}"
+            if key in state:
+                _check_rope_table(state[key], key, table, part, cfg.window_size, head, source, rope)
+                checked.add(key)
+    for key, value in state.items():
+        match = BLOCK_ROPE.match(key)
+        if match is None or int(match.group(1)) >= depth:
+            continue  # a block the recipe lacks: reported as an unexpected tensor
+        block, part = int(match.group(1)), match.group(2)
+        kind = "global" if block in global_blocks else "windowed"
+        shared = f"{NET}{'rope_glb' if kind == 'global' else 'rope_win'}.{part}"
+        if shared not in state:
+            raise InputError(f"tensor {key!r} copies {shared!r}, which the checkpoint lacks", path=source)
+        same = value.shape == state[shared].shape and (value.is_meta or torch.equal(value, state[shared]))
+        if not same:
+            raise InputError(f"tensor {key!r} differs from {shared!r}, the shared table it should copy (block "
+                             f"{block} is {kind} in the recipe: model.global_blocks {sorted(global_blocks)}, "
+                             f"window_size {cfg.window_size}; is --recipe the checkpoint's architecture?)",
+                             path=source)
+        checked.add(key)
+    return checked
+
+
+def _check_rope_table(value: Tensor, key: str, table: str, part: str, window: int, head: int,
+                      source: str | Path, rope: RopeFn | None) -> None:
+    side = math.isqrt(value.shape[0]) if value.dim() == 2 else 0
+    if value.dim() != 2 or side * side != value.shape[0] or value.shape[1] != head or (
+            table == "rope_win" and side != window):
+        rows = f"{window}*{window}" if table == "rope_win" else "grid*grid"
+        raise InputError(f"tensor {key!r} has shape {tuple(value.shape)}, the recipe needs [{rows}, {head}] "
+                         f"(model.window_size {window}, head size {head}): is --recipe the checkpoint's "
+                         "architecture?", path=source)
+    if rope is None or value.is_meta:
+        return
+    sin, cos = rope(side, side).chunk(2, dim=-1)
+    ours = cos if part == "freqs_cos" else sin
+    diff = float((value.double() - ours.double()).abs().max())
+    if not diff <= 1e-5:  # NaN too
+        raise InputError(f"tensor {key!r} is not the RoPE slsd computes for a {side}x{side} grid (largest "
+                         f"difference {diff:.3g})", path=source)
+
+
 def _pos_embed(value: Tensor, own: Tensor, key: str, source: str | Path) -> Tensor:
+    """The reference's position table -> ours: class row dropped, resampled to our grid in float64
+    and cast once to our dtype."""
     if value.dim() != 3 or value.shape[-1] != own.shape[-1]:
         raise InputError(f"tensor {key!r} has shape {tuple(value.shape)}, expected [1, 1 + n*n, "
                          f"{own.shape[-1]}]", path=source)
     tokens = value.shape[1]
-    side = int(round((tokens - 1) ** 0.5))
+    side = math.isqrt(tokens - 1)
     if side * side == tokens - 1:
         value = value[:, 1:]  # the class-token row
     else:
-        side = int(round(tokens ** 0.5))
+        side = math.isqrt(tokens)
         if side * side != tokens:
             raise InputError(f"tensor {key!r} has shape {tuple(value.shape)}: not a square position grid",
                              path=source)
-    grid = int(round(own.shape[1] ** 0.5))
-    return resample_pos_embed(value.float(), (side, side), (grid, grid))
+    grid = math.isqrt(own.shape[1])
+    return resample_pos_grid(value, (side, side), (grid, grid), dtype=own.dtype)
 
 
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, categories: list[dict], cfg: ModelConfig,
                        *, window_key_mask: bool = False, extra: dict | None = None) -> dict:
-    """Read, convert, load strictly and save a detectron2 checkpoint as an slsd run directory.
-    -> a summary {"tensors", "dropped", "classes", "out"}."""
+    """Read, convert (checked against a meta-device skeleton of the recipe's detector, so a bad
+    checkpoint stops before anything is built), load strictly and save a detectron2 checkpoint as
+    an slsd run directory. -> a summary {"tensors", "dropped", "classes", "out"}."""
     from slsd_cli.model.weights import build_detector, load_strict, save_detector
 
     cfg = dataclasses.replace(cfg, pretrained=False, weights=None, init_from=None, window_key_mask=window_key_mask)
     state = read_checkpoint(checkpoint)
+    _preset(cfg)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        skeleton = build_detector(cfg, categories)
+    trunk = skeleton.backbone.trunk
+    converted = convert_state_dict(state, cfg, skeleton.state_dict(), categories, source=checkpoint,
+                                   rope=lambda h, w: trunk.rope(h, w, torch.device("cpu")))
     model = build_detector(cfg, categories)
-    converted = convert_state_dict(state, cfg, model.state_dict(), categories, source=checkpoint)
     load_strict(model, converted, checkpoint, "the recipe")
     save_detector(model, out_dir, categories, cfg, extra={"converted_from": str(checkpoint), **(extra or {})})
     return {"tensors": len(converted), "dropped": len(state) - len(converted), "classes": len(categories),
@@ -283,9 +369,11 @@ def run_convert(cfg: ConvertConfig) -> dict:
     check_output(out_dir / META_NAME, cfg.force)
     model_cfg = recipes.load(cfg.recipe, list(cfg.overrides)).model
     ann = load_annotations(cfg.annotations, require_annotations=False)
+    if not ann.categories:  # the classes come from here: name the file, not the model section
+        raise InputError("lists no categories (the checkpoint's classes are read from them)", path=cfg.annotations)
     return convert_checkpoint(cfg.checkpoint, out_dir, ann.categories, model_cfg, window_key_mask=cfg.window_key_mask,
                               extra={"recipe": cfg.recipe, "annotations": str(cfg.annotations)})
 
 
-__all__ = ["ConvertConfig", "class_permutation", "convert_checkpoint", "convert_state_dict", "key_map",
-           "read_checkpoint", "run_convert"]
+__all__ = ["ConvertConfig", "check_rope_buffers", "class_permutation", "convert_checkpoint", "convert_state_dict",
+           "key_map", "read_checkpoint", "run_convert"]

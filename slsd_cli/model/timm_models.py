@@ -21,7 +21,19 @@ that mean/std in its `pretrained_cfg`, so every caller that normalises by `pretr
 the detector normalises by its recipe's `model.pixel_mean/pixel_std` ([127]*3 / [128]*3 in synthetic_tiny).
 
 The detector's backbone (`model.backbone`) has its own rules (recipe keys, EVA checkpoint filter);
-it shares `read_weights_file`, `architecture_kwargs` and `create_packaged`.
+it shares `read_weights_file`, `architecture_kwargs` and `create_packaged`, and takes EVA-02's
+patch-14 MIM weights to patch 16 here:
+
+* `resample_pos_grid`: a position table to another grid by plain bicubic interpolation (no
+  antialiasing: EVA-02 / ViTDet's `get_abs_pos`), computed in float64 and cast once at the end;
+* `eva_p14_to_p16`: EVA-02's own p14 -> p16 conversion (what its released `*_p14to16` MIM files
+  hold, and what its detectors and Porcher et al. start from): the 14 x 14 patch kernel resized to
+  16 x 16 by plain bicubic interpolation, the 16 x 16 position grid of the 224 px pretraining
+  input resampled to the 14 x 14 grid it has at patch 16; the detector then resamples 14 x 14 to
+  its own grid (64 x 64 at 1024 px). timm's own route (`model.patch_resize: timm`) resizes the
+  kernel by its pseudo-inverse "PI-resize" and the 16 x 16 grid straight to 64 x 64: on the
+  EVA-02-L m38m weights that differs by up to 0.12 in the kernel and 0.155 in the table
+  (docs/lvis_reproduction.md).
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slsd_cli.errors import InputError
@@ -234,3 +247,68 @@ def create_timm_model(name: str, *, weights: str | Path | None = None, random_in
             except TypeError:
                 pass  # CNNs take any size
         return create({}), kind
+
+
+# ---------------------------------------------------------------------- EVA-02 patch 14 -> 16
+
+EVA_PRETRAIN_SIZE = 224  # EVA-02's MIM input size: a 16 x 16 grid at patch 14, 14 x 14 at patch 16
+
+
+def resample_pos_grid(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
+                      dtype: torch.dtype | None = None) -> Tensor:
+    """A position table [1, oh*ow, D] (no prefix tokens) -> [1, nh*nw, D] by plain bicubic
+    interpolation (align_corners=False, no antialiasing: EVA-02 / ViTDet's `get_abs_pos`), computed
+    in float64 and cast once to `dtype` (default: the table's own)."""
+    (oh, ow), (nh, nw) = old_grid, new_grid
+    d = pos.shape[-1]
+    grid = pos.reshape(1, oh, ow, d).permute(0, 3, 1, 2).to(torch.float64)
+    if (oh, ow) != (nh, nw):
+        grid = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(dtype or pos.dtype)
+
+
+def _prefix_and_side(tokens: int) -> tuple[int, int] | None:
+    """(prefix tokens, grid side) of a square position table with or without a class row."""
+    for prefix in (1, 0):
+        side = int(round(max(tokens - prefix, 0) ** 0.5))
+        if side > 0 and side * side == tokens - prefix:
+            return prefix, side
+    return None
+
+
+def eva_p14_to_p16(state: dict, patch_size: int = 16) -> dict:
+    """EVA-02's own conversion of patch-14 MIM weights to `patch_size` (its `*_p14to16` files): the
+    patch kernel resized by plain bicubic interpolation, the position grid resampled (plain bicubic,
+    class row kept) to the grid the 224 px pretraining input has at the new patch (16 -> 14). Works
+    on EVA or timm key names, also inside wrappers ({"model": ...}); a state whose kernel already
+    has `patch_size` (a released p14to16 file) comes back unchanged. Returns a new dict."""
+    out: dict = {}
+    kernel_key = next((k for k, v in state.items() if str(k).endswith("patch_embed.proj.weight")
+                       and isinstance(v, Tensor) and v.dim() == 4), None)
+    old_patch = state[kernel_key].shape[-1] if kernel_key is not None else None
+    for key, value in state.items():
+        if isinstance(value, dict):
+            value = eva_p14_to_p16(value, patch_size)
+        elif old_patch is not None and old_patch != patch_size and isinstance(value, Tensor):
+            if key == kernel_key:
+                value = F.interpolate(value.to(torch.float64), size=(patch_size, patch_size), mode="bicubic",
+                                      align_corners=False).to(value.dtype)
+            elif str(key).endswith("pos_embed") and value.dim() == 3 and _prefix_and_side(value.shape[1]):
+                prefix, side = _prefix_and_side(value.shape[1])
+                new = side * old_patch // patch_size
+                table = resample_pos_grid(value[:, prefix:], (side, side), (new, new))
+                value = torch.cat([value[:, :prefix], table], dim=1)
+        out[key] = value
+    return out
+
+
+def pretrained_eva_p16(name: str, **timm_kwargs: Any) -> tuple[dict[str, Tensor], int]:
+    """timm's pretrained weights for the EVA-02 `name` (hub download) at their own patch and grid,
+    taken to patch 16 by `eva_p14_to_p16`. -> (state dict, prefix tokens of its position table).
+    `timm_kwargs` give the width / depth (patch_size and img_size are the weights' own)."""
+    import timm
+
+    kwargs = {k: v for k, v in timm_kwargs.items() if k not in ("patch_size", "img_size")}
+    with torch.random.fork_rng(devices=[]):  # the skeleton's random init must not move the caller's stream
+        model = timm.create_model(name, pretrained=True, **kwargs)
+    return eva_p14_to_p16(model.state_dict(), timm_kwargs.get("patch_size", 16)), getattr(model, "num_prefix_tokens", 1)

@@ -9,7 +9,9 @@ A saved detector is a directory with
 Both are written atomically. `load_detector` rebuilds the model from the json (random init, no
 backbone weight download), then loads the tensors strictly: a missing, unexpected or differently
 shaped tensor, categories or a normalisation that disagree (between the two files, or categories
-with the caller's list), is an InputError naming the file. `check_same_network` refuses a config
+with the caller's list), is an InputError naming the file. The shapes are checked against a
+meta-device skeleton before the model is built, so a dimension in model.json that the weights do
+not have (a corrupt or hostile width) allocates nothing. `check_same_network` refuses a config
 that differs from a saved detector's in any key but the weight source, training and post-processing
 ones (`model_config.NON_NETWORK_KEYS`): a distillation student is the teacher's network.
 `build_detector` with `cfg.init_from = RUN` starts from a saved detector's tensors (the same strict
@@ -183,7 +185,24 @@ def load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source
                 described_by: str = META_NAME) -> None:
     """Load `tensors` into `model`: every tensor present, none extra, equal shapes (else an
     InputError naming the first offending key)."""
-    own = model.state_dict()
+    check_fits(model.state_dict(), tensors, source, described_by)
+    model.load_state_dict(tensors)
+
+
+def check_fits_before_building(cfg: ModelConfig, categories: list[dict], tensors: dict[str, torch.Tensor],
+                               source: str | Path, described_by: str = META_NAME) -> None:
+    """`check_fits` against a skeleton of the described detector on the meta device, which
+    allocates nothing: a model.json whose dimensions disagree with its weights (a width that would
+    take terabytes) stops here, naming the first tensor, before the model is built."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        skeleton = build_detector(cfg, categories)
+    check_fits(skeleton.state_dict(), tensors, source, described_by)
+
+
+def check_fits(own: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str | Path,
+               described_by: str = META_NAME) -> None:
+    """`tensors` have exactly the names and shapes of the state dict `own` (else an InputError
+    naming the first offending key)."""
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
@@ -196,9 +215,8 @@ def load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source
                          path=source)
     for key, value in own.items():
         if tensors[key].shape != value.shape:
-            raise InputError(f"tensor {key} has shape {tuple(tensors[key].shape)}, the model expects "
-                             f"{tuple(value.shape)}", path=source)
-    model.load_state_dict(tensors)
+            raise InputError(f"tensor {key} has shape {tuple(tensors[key].shape)}, the model described in "
+                             f"{described_by} expects {tuple(value.shape)}", path=source)
 
 
 def load_detector(path: str | Path, device: str | torch.device = "cpu",
@@ -211,6 +229,7 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu",
     cfg = dataclasses.replace(cfg, pretrained=False, weights=None, init_from=None)
     if categories is not None:
         _check_categories(meta, categories, meta_path)
+    check_fits_before_building(cfg, meta["categories"], tensors, weights_path, meta_path.name)
     model = build_detector(cfg, meta["categories"])
     load_strict(model, tensors, weights_path, meta_path.name)
     model.to(device).eval()

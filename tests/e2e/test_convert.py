@@ -1,12 +1,17 @@
-"""`slsd convert` (issue 14 §2): detectron2-format EVA-02 LVIS Cascade Mask R-CNN -> slsd run.
+"""`slsd convert` (issue 14 §2, issue 21 §1): detectron2-format EVA-02 LVIS Cascade Mask R-CNN -> slsd run.
 
-The reference state dicts here are written by hand from the reference modules (baaivision/EVA
-`EVA-02/det`: ViT + SimpleFeaturePyramid, StandardRPNHead, CascadeROIHeads, MaskRCNNConvUpsampleHead),
-not from the converter's key map, at a small size (width 64, 4 blocks, 3 classes)."""
+The reference checkpoints here are built from the reference's own state-dict key lists
+(`tests/fixtures/eva02_det_reference_keys.json`, recorded by instantiating baaivision/EVA
+`EVA-02/det`'s LVIS Cascade Mask R-CNN LazyConfigs): every parameter, the shared RoPE tables
+`rope_win` / `rope_glb`, their per-block copies `blocks.N.attn.rope.freqs_{cos,sin}` and the
+federated-loss weights, with random values (RoPE tables computed as EVA-02 describes them). The
+`small` layout is the 1024 config at the width of `_cfg()` (width 64, 4 blocks, 3 classes); the
+full-size layouts are checked on the meta device."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pickle
 from pathlib import Path
@@ -28,103 +33,61 @@ from tests.helpers.tiny_data import write_dataset
 CATEGORIES = [{"id": 9, "name": "c9", "frequency": "f", "image_count": 30},
               {"id": 2, "name": "c2", "frequency": "r", "image_count": 3},
               {"id": 5, "name": "c5", "frequency": "c", "image_count": 12}]
+REFERENCE_KEYS = Path(__file__).resolve().parents[1] / "fixtures" / "eva02_det_reference_keys.json"
+ROPE_TABLES = ("backbone.net.rope_win.", "backbone.net.rope_glb.")
 
 
 def _cfg(**kw):
     return tiny_eva_config(backbone="eva02_base", drop_path=0.0, test_score_threshold=0.0, **kw)
 
 
-def reference_state(dim=64, depth=4, hidden=170, fpn=32, rpn_convs=1, anchors=3, box_convs=1, fc=64,
-                    mask_convs=1, classes=3, stages=3, pretrain_grid=14, seed=0, device=None) -> dict:
-    """A detectron2 EVA-02 Cascade Mask R-CNN state dict with random tensors (names as the reference)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
+@functools.lru_cache(maxsize=None)
+def reference_layout(name: str) -> dict[str, list[int]]:
+    """The reference's state-dict names and shapes, in its order: 'small', 'eva02_L_lvis_bsl', 'eva02_L_lvis_sys'."""
+    return json.loads(REFERENCE_KEYS.read_text())["layouts"][name]
 
-    def t(name, *shape):
-        if device == "meta":
+
+def eva_rope(rows: int, head: int, pretrain_grid: int = 16, theta: float = 10000.0) -> dict[str, torch.Tensor]:
+    """EVA-02's 2-D RoPE tables for a side x side grid (rows = side^2), written from its description:
+    per axis, positions rescaled to the pretraining grid (i / side * 16) times head/4 frequencies
+    theta^(-2j / (head/2)), each angle repeated for its (even, odd) pair; the row's angles fill the
+    first half of a token's head, the column's the second."""
+    side = int(round(rows ** 0.5))
+    half = head // 2
+    freqs = 1.0 / theta ** (torch.arange(0, half, 2).float() / half)
+    pos = torch.arange(side).float() / side * pretrain_grid
+    angles = (pos[:, None] * freqs[None, :]).repeat_interleave(2, dim=-1)  # [side, half]
+    table = torch.cat([angles[:, None, :].expand(side, side, half), angles[None, :, :].expand(side, side, half)], -1)
+    table = table.reshape(rows, head)
+    return {"freqs_cos": table.cos(), "freqs_sin": table.sin()}
+
+
+def reference_state(layout: str = "small", seed: int = 0, device: str | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint with the reference's full key list: random parameters, the shared RoPE tables,
+    per-block copies equal to the table of their block (the reference's blocks hold the shared
+    module, so `state_dict()` repeats it), positive federated-loss weights. device="meta": all but
+    the RoPE buffers on the meta device (shapes only)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = reference_layout(layout)
+    state: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        if name.startswith(ROPE_TABLES):
+            state[name] = eva_rope(*shape)[name.rsplit(".", 1)[1]]
+        elif ".attn.rope." in name:  # a per-block copy: of the shared table of its shape (same storage)
+            table = next(t for t in ROPE_TABLES if list(state[t + "freqs_cos"].shape) == shape)
+            state[name] = state[table + name.rsplit(".", 1)[1]]
+        elif device == "meta":
             state[name] = torch.empty(*shape, device="meta")
+        elif name.endswith("fed_loss_cls_weights"):
+            state[name] = torch.rand(*shape, generator=g) * 10 + 1
         else:
             state[name] = torch.randn(*shape, generator=g) * 0.05
-
-    n = "backbone.net."
-    t(n + "patch_embed.proj.weight", dim, 3, 16, 16)
-    t(n + "patch_embed.proj.bias", dim)
-    t(n + "pos_embed", 1, 1 + pretrain_grid ** 2, dim)
-    for rope in ("rope_win", "rope_glb"):  # buffers in the reference's state dict
-        t(f"{n}{rope}.freqs_cos", 16, 8)
-        t(f"{n}{rope}.freqs_sin", 16, 8)
-    for i in range(depth):
-        b = f"{n}blocks.{i}."
-        for norm in ("norm1", "norm2"):
-            t(b + norm + ".weight", dim)
-            t(b + norm + ".bias", dim)
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            t(b + f"attn.{proj}.weight", dim, dim)
-        t(b + "attn.q_bias", dim)
-        t(b + "attn.v_bias", dim)
-        t(b + "attn.proj.weight", dim, dim)
-        t(b + "attn.proj.bias", dim)
-        for w in ("w1", "w2"):
-            t(b + f"mlp.{w}.weight", hidden, dim)
-            t(b + f"mlp.{w}.bias", hidden)
-        t(b + "mlp.ffn_ln.weight", hidden)
-        t(b + "mlp.ffn_ln.bias", hidden)
-        t(b + "mlp.w3.weight", dim, hidden)
-        t(b + "mlp.w3.bias", dim)
-
-    def conv_ln(name, cin, k):
-        t(name + ".weight", fpn, cin, k, k)
-        t(name + ".norm.weight", fpn)
-        t(name + ".norm.bias", fpn)
-
-    t("backbone.simfp_2.0.weight", dim, dim // 2, 2, 2)
-    t("backbone.simfp_2.0.bias", dim // 2)
-    t("backbone.simfp_2.1.weight", dim // 2)
-    t("backbone.simfp_2.1.bias", dim // 2)
-    t("backbone.simfp_2.3.weight", dim // 2, dim // 4, 2, 2)
-    t("backbone.simfp_2.3.bias", dim // 4)
-    conv_ln("backbone.simfp_2.4", dim // 4, 1)
-    conv_ln("backbone.simfp_2.5", fpn, 3)
-    t("backbone.simfp_3.0.weight", dim, dim // 2, 2, 2)
-    t("backbone.simfp_3.0.bias", dim // 2)
-    conv_ln("backbone.simfp_3.1", dim // 2, 1)
-    conv_ln("backbone.simfp_3.2", fpn, 3)
-    conv_ln("backbone.simfp_4.0", dim, 1)
-    conv_ln("backbone.simfp_4.1", fpn, 3)
-    conv_ln("backbone.simfp_5.1", dim, 1)
-    conv_ln("backbone.simfp_5.2", fpn, 3)
-    r = "proposal_generator.rpn_head."
-    convs = ["conv"] if rpn_convs == 1 else [f"conv.conv{k}" for k in range(rpn_convs)]
-    for c in convs:
-        t(r + c + ".weight", fpn, fpn, 3, 3)
-        t(r + c + ".bias", fpn)
-    t(r + "objectness_logits.weight", anchors, fpn, 1, 1)
-    t(r + "objectness_logits.bias", anchors)
-    t(r + "anchor_deltas.weight", anchors * 4, fpn, 1, 1)
-    t(r + "anchor_deltas.bias", anchors * 4)
-    for s in range(stages):
-        h = f"roi_heads.box_head.{s}."
-        for j in range(box_convs):
-            conv_ln(f"{h}conv{j + 1}", fpn, 3)
-        t(h + "fc1.weight", fc, fpn * 49)
-        t(h + "fc1.bias", fc)
-        p = f"roi_heads.box_predictor.{s}."
-        t(p + "cls_score.weight", classes + 1, fc)
-        t(p + "cls_score.bias", classes + 1)
-        t(p + "bbox_pred.weight", 4, fc)
-        t(p + "bbox_pred.bias", 4)
-        t(p + "fed_loss_cls_weights", classes)
-    m = "roi_heads.mask_head."
-    for j in range(mask_convs):
-        conv_ln(f"{m}mask_fcn{j + 1}", fpn, 3)
-    t(m + "deconv.weight", fpn, fpn, 2, 2)
-    t(m + "deconv.bias", fpn)
-    t(m + "predictor.weight", classes, fpn, 1, 1)
-    t(m + "predictor.bias", classes)
     return state
 
 
-BUFFERS = 4 + 3  # RoPE freqs (2 x 2) + federated weights (3 stages)
+def buffers(state: dict) -> list[str]:
+    """The reference's buffers: RoPE tables, their per-block copies, federated-loss weights."""
+    return [k for k in state if ".rope" in k or k.endswith("fed_loss_cls_weights")]
 
 
 @pytest.fixture(scope="module")
@@ -155,18 +118,20 @@ def test_converts_loads_strictly_and_maps_every_rule(files, tmp_path):
     assert [c["id"] for c in meta["categories"]] == [2, 5, 9]  # the annotations' order: ids ascending
     assert meta["model"]["window_key_mask"] is False  # R11: padded keys attend as in the reference
     sd = model.state_dict()
-    assert len(sd) == len(state) - BUFFERS  # R10: RoPE and federated buffers dropped, nothing else
+    assert len(buffers(state)) == 4 + 8 + 3  # shared RoPE, per-block copies (4 blocks x 2), federated (3 stages)
+    assert len(sd) == len(state) - len(buffers(state)) == 151  # R10: those buffers dropped, nothing else
     b, r = "backbone.trunk.blocks.2.", "backbone.net.blocks.2."
     assert torch.equal(sd[b + "attn.k_proj.weight"], state[r + "attn.k_proj.weight"])  # R1
     assert torch.equal(sd[b + "attn.q_proj.bias"], state[r + "attn.q_bias"])  # R2
     assert torch.equal(sd[b + "attn.v_proj.bias"], state[r + "attn.v_bias"])
     for ours, theirs in (("fc1_g", "w1"), ("fc1_x", "w2"), ("norm", "ffn_ln"), ("fc2", "w3")):  # R3
         assert torch.equal(sd[f"{b}mlp.{ours}.weight"], state[f"{r}mlp.{theirs}.weight"])
-    # R4: class row dropped, 14x14 -> 8x8 plain bicubic (not timm's antialiased resampling)
+    # R4: class row dropped, 14x14 -> 8x8 plain bicubic (not timm's antialiased resampling), in
+    # float64 and cast once to the model's float32
     table = state["backbone.net.pos_embed"][:, 1:].reshape(1, 14, 14, 64).permute(0, 3, 1, 2)
-    plain = F.interpolate(table, size=(8, 8), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 64, 64)
+    plain = F.interpolate(table.double(), size=(8, 8), mode="bicubic", align_corners=False)
+    assert torch.equal(sd["backbone.trunk.pos_embed"], plain.permute(0, 2, 3, 1).reshape(1, 64, 64).float())
     smooth = F.interpolate(table, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
-    assert torch.allclose(sd["backbone.trunk.pos_embed"], plain, atol=1e-6)
     assert not torch.allclose(sd["backbone.trunk.pos_embed"], smooth.permute(0, 2, 3, 1).reshape(1, 64, 64), atol=1e-3)
     # R5 simple feature pyramid
     assert torch.equal(sd["backbone.pyramid.outputs.0.1.weight"], state["backbone.simfp_2.4.norm.weight"])
@@ -274,7 +239,7 @@ def test_safetensors_input_and_bare_state_dict(files, tmp_path):
 
     state = files[1]
     st = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(st))
+    save_file({k: v.clone() for k, v in state.items()}, str(st))  # safetensors refuses shared storage
     assert read_checkpoint(st).keys() == state.keys()
     bare = tmp_path / "bare.pth"
     torch.save(state, bare)
@@ -294,20 +259,31 @@ def test_vitdet_mae_checkpoint_is_refused_clearly():
         convert_state_dict(state, cfg, build_detector(cfg, CATEGORIES).state_dict(), CATEGORIES)
 
 
-@pytest.mark.parametrize("recipe, grid", [("lvis_eva02_L_teacher", 64), ("lvis_eva02_L_sys_teacher", 96)])
-def test_released_eva02_L_layout_maps_all_569_tensors(recipe, grid):
-    """Shapes only (meta tensors): the full-size EVA-02-L reference layout against our packaged recipes."""
+@pytest.mark.parametrize("recipe, layout, grid", [("lvis_eva02_L_teacher", "eva02_L_lvis_bsl", 64),
+                                                  ("lvis_eva02_L_sys_teacher", "eva02_L_lvis_sys", 96)])
+def test_released_eva02_L_layout_maps_all_569_tensors(recipe, layout, grid):
+    """The released EVA-02-L layouts (the reference's full key lists: 569 parameters, 52 RoPE
+    buffers, 3 federated weights) against our packaged recipes: parameters on the meta device, the
+    RoPE tables real, so their shapes, values and per-block copies (which blocks are global) are
+    checked; the other release's recipe is refused, naming a RoPE table."""
     from slsd_cli import recipe as recipes
 
-    cfg = dataclasses.replace(recipes.load(recipe).model, pretrained=False)
     cats = [{"id": i + 1, "image_count": 1} for i in range(1203)]
-    with torch.device("meta"):
-        own = build_detector(cfg, cats).state_dict()
-    state = reference_state(dim=1024, depth=24, hidden=2730, fpn=256, rpn_convs=2, box_convs=4, fc=1024,
-                            mask_convs=4, classes=1203, pretrain_grid=14, device="meta")
-    assert len(key_map(cfg, 3)) == len(own) == 569
-    out = convert_state_dict(state, cfg, own, cats)
-    assert len(out) == 569 and out["backbone.trunk.pos_embed"].shape == (1, grid * grid, 1024)
+    state = reference_state(layout, device="meta")
+    assert len(state) == 569 + 52 + 3
+    for name in (recipe, "lvis_eva02_L_sys_teacher" if recipe == "lvis_eva02_L_teacher" else "lvis_eva02_L_teacher"):
+        cfg = dataclasses.replace(recipes.load(name).model, pretrained=False)
+        with torch.device("meta"):
+            skeleton = build_detector(cfg, cats)
+        own = skeleton.state_dict()
+        rope = functools.partial(skeleton.backbone.trunk.rope, device=torch.device("cpu"))
+        if name != recipe:
+            with pytest.raises(InputError, match="rope_win.freqs_cos.*model.window_size"):
+                convert_state_dict(state, cfg, own, cats, rope=rope)
+            continue
+        assert len(key_map(cfg, 3)) == len(own) == 569
+        out = convert_state_dict(state, cfg, own, cats, rope=rope)
+        assert len(out) == 569 and out["backbone.trunk.pos_embed"].shape == (1, grid * grid, 1024)
 
 
 def test_a_converted_run_works_in_every_command(files, tmp_path):

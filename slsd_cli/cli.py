@@ -31,6 +31,7 @@ from slsd_cli.commands import retrieve as _retrieve
 from slsd_cli.commands import split as _split
 from slsd_cli.commands import synth as _synth
 from slsd_cli.commands import train_teacher as _train_teacher
+from slsd_cli import interrupts
 from slsd_cli.errors import InputError
 
 app = typer.Typer(
@@ -96,14 +97,34 @@ for _group in app.registered_groups:  # plot, recipe: their Typer(help=...) text
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: bad input ends with one line on stderr and exit code 2."""
+    """Entry point: bad input ends with one line on stderr and exit code 2; SIGINT / SIGTERM end the
+    command at a safe point with one line and exit code 130 / 143 (`slsd_cli.interrupts`). While it
+    runs, its outputs are locked (`io.locks`); a command that fails leaves no new empty folder."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    with interrupts.handling():
+        try:
+            return _run(args, debug)
+        except interrupts.Interrupted as exc:
+            if interrupts.nested():  # a step of the demo: the demo stops too
+                raise
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            print(f"error: {exc.line()}", file=sys.stderr)
+            return exc.exit_code
+
+
+def _run(args: list[str], debug: bool) -> int:
+    from slsd_cli.io import locks, new_dirs_removed_on_error
+
     try:
-        # `obj`: what a command that runs other commands (the demo) needs, so that it never imports this module
-        result = app(args=args, prog_name="slsd", standalone_mode=False, obj={"run_command": main})
+        with new_dirs_removed_on_error(), locks.scope():
+            # `obj`: what a command that runs other commands (the demo) needs, so it never imports this module
+            result = app(args=args, prog_name="slsd", standalone_mode=False, obj={"run_command": _run_step})
     except InputError as exc:
-        if debug:
+        if debug or _raise_errors:
             raise
         print(f"error: {exc.format()}", file=sys.stderr)
         return 2
@@ -118,10 +139,25 @@ def main(argv: list[str] | None = None) -> int:
     except _ABORTS:
         print("aborted", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # SIGINT outside `interrupts.handling` (a thread other than the main one)
+        print("error: interrupted by SIGINT", file=sys.stderr)
         return 130
+    if not interrupts.nested() and interrupts.pending() is not None:  # came in the last quiet section
+        raise interrupts.Interrupted(interrupts.take(), "the command had finished; its outputs are complete")
     return result if isinstance(result, int) else 0
+
+
+_raise_errors: list[bool] = []
+
+
+def _run_step(argv: list[str]) -> int:
+    """A step of the demo, run in this process: `main`, except that bad input propagates as the
+    InputError (the demo reports it as its one error line) instead of being printed here."""
+    _raise_errors.append(True)
+    try:
+        return main(argv)
+    finally:
+        _raise_errors.pop()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,20 @@ file and the offending record so the user can find it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
+
+# control characters (a newline in a file name, an escape sequence in a record) would split or
+# garble the one error line: they are shown escaped, as python writes them in a string
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped ('a\\nb' for a newline): it prints on one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class InputError(Exception):
@@ -23,13 +33,14 @@ class InputError(Exception):
         super().__init__(self.format())
 
     def format(self) -> str:
+        """'<path>: <record>: <message>', on one line whatever the parts hold."""
         parts = []
         if self.path is not None:
             parts.append(self.path)
         if self.record is not None:
             parts.append(str(self.record))
         parts.append(self.message)
-        return ": ".join(parts)
+        return one_line(": ".join(parts))
 
 
 def unwrap_worker_error(exc: InputError) -> InputError:

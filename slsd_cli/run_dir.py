@@ -15,18 +15,18 @@ refusing, clearing and resuming a run. Every other module names a run's files th
     RUN/tensorboard/             with train.tensorboard
 
 Rank 0 alone looks at and writes the directory; the other processes learn its verdict by broadcast,
-because they could otherwise see the files it is about to write.
+because they could otherwise see the files it is about to write. Rank 0 also locks the run for the
+whole run (`io.locks`: `PARENT/.RUN.lock`), so a second launch into it fails at once, naming the first.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 from slsd_cli import distributed
 from slsd_cli.errors import InputError
-from slsd_cli.io import make_dirs
+from slsd_cli.io import locks, make_dirs, remove_path
 from slsd_cli.model.weights import META_NAME as MODEL_META
 from slsd_cli.model.weights import WEIGHTS_NAME as MODEL_WEIGHTS
 from slsd_cli.recipe import Recipe
@@ -86,9 +86,18 @@ def check_is_dir(run_dir: Path) -> None:
         raise InputError("output exists and is not a directory", path=run_dir)
 
 
+# the files a resumed run appends to: a symbolic link among them would lead the writes out of the run
+APPENDED = (LOG, METRICS, EVAL)
+
+
 def check_run_dir(run_dir: Path, outputs: tuple[str, ...], resume: bool, force: bool) -> None:
-    """An existing run needs --resume (continue it) or --force (start over)."""
+    """An existing run needs --resume (continue it) or --force (start over); a run to continue
+    must not hold symbolic links in place of the files it appends to."""
     if resume:
+        for name in APPENDED:
+            if (run_dir / name).is_symlink():
+                raise InputError("is a symbolic link, and slsd writes through no link it did not create: "
+                                 "replace it with a regular file (or remove it) and rerun", path=run_dir / name)
         return
     existing = [name for name in outputs if (run_dir / name).exists()]
     if existing and not force:
@@ -100,18 +109,18 @@ def clear_run(run_dir: Path, outputs: tuple[str, ...]) -> None:
     """Delete a previous run's outputs (and only those: other files in the folder stay)."""
     for name in outputs:
         path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        if path.exists() or path.is_symlink():
+            remove_path(path)  # a symbolic link is removed, never followed
 
 
 def check_on_main(run_dir: Path, outputs: tuple[str, ...], resume: bool, force: bool,
                   dist: distributed.DistInfo) -> None:
-    """`check_run_dir` decided by rank 0 and raised on every process (every process calls this)."""
+    """`check_run_dir` decided by rank 0 and raised on every process (every process calls this). Rank
+    0 first locks the run for the enclosing `io.locks.scope()` (a second launch fails here)."""
     problem = None
     if dist.is_main:
         try:
+            locks.acquire(run_dir)
             check_run_dir(run_dir, outputs, resume, force)
         except InputError as exc:
             problem = exc
@@ -155,6 +164,8 @@ def resolve_model(run: str | Path, kind: str = "student") -> Path:
     if run.is_file():
         if kind == "teacher":
             raise InputError(f"--model teacher needs a run directory (RUN/{TEACHER_DIR}/{weights})", path=run)
+        if run.suffix != ".json":
+            _check_safetensors(run)
         return run
     if not run.is_dir():
         raise InputError(f"checkpoint not found (expected a run directory or {weights})", path=run)
@@ -169,3 +180,18 @@ def resolve_model(run: str | Path, kind: str = "student") -> Path:
     if not (run / weights).is_file():
         raise InputError(f"no {weights} in this run directory", path=run)
     return run
+
+
+def _check_safetensors(path: Path) -> None:
+    """A weights file given as --checkpoint must be safetensors (an 8-byte header length, then the
+    json header): a pickle or any other file is named here, before model.json is looked for."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputError(f"unreadable checkpoint ({exc.strerror or exc})", path=path) from None
+    length = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if not (0 < length <= size - 8 and head[8:9] == b"{"):
+        raise InputError(f"not a safetensors file: --checkpoint takes a run directory or its {MODEL_WEIGHTS} "
+                         "(pickled checkpoints are never loaded)", path=path)

@@ -11,7 +11,10 @@ Checks, all raising `InputError` (one line, exit 2):
   `(`/`)` open, `inf` for no bound) is checked on every load; for a list field each item is checked;
 - invariants between fields: a dataclass may define `check(self)` that raises `ValueError("field
   message")`; the message is reported under the dataclass's dotted prefix;
-- unknown keys name the nearest valid keys (difflib), never the whole list.
+- unknown keys name the nearest valid keys (difflib), never the whole list;
+- limits before anything is built: anchors and aliases are refused (a "billion laughs" file
+  would expand exponentially), so are duplicate keys (the last one would silently win) and
+  integers beyond 64 bits (checked on the digits, before python converts a 5000-digit number).
 """
 
 from __future__ import annotations
@@ -32,7 +35,59 @@ from slsd_cli.io import atomic_write_text
 T = TypeVar("T")
 
 RANGE_KEY = "range"
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: same results, faster
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: same results, faster
+INT64 = (-2 ** 63, 2 ** 63 - 1)
+
+
+class _RecipeError(yaml.MarkedYAMLError):
+    """A recipe rule broken while the yaml is read (reported with its line and column)."""
+
+
+class _Limits:
+    """yaml's safe loader with the recipe limits: no duplicate keys, integers within 64 bits
+    (anchors and aliases are refused before, by `_load`)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+                if key in seen:
+                    raise _RecipeError(None, None, f"duplicate key {key!r} (first at line {seen[key]})",
+                                       key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):  # type: ignore[no-untyped-def]
+        digits = sum(ch.isdigit() for ch in str(node.value))
+        if digits > 25:  # int64 has 19 digits (more in binary / octal spelling): refused before converting
+            raise _RecipeError(None, None, f"integer of {digits} digits is beyond 64 bits", node.start_mark)
+        value = super().construct_yaml_int(node)
+        if not INT64[0] <= value <= INT64[1]:
+            raise _RecipeError(None, None, f"integer {value} is beyond 64 bits", node.start_mark)
+        return value
+
+
+class _SafeLoader(_Limits, _BaseLoader):  # type: ignore[misc, valid-type]
+    """Files: libyaml's parser when installed."""
+
+
+class _TextLoader(_Limits, yaml.SafeLoader):
+    """Override values: the pure-python parser (its error positions read better on one short value)."""
+
+
+for _loader in (_SafeLoader, _TextLoader):
+    _loader.add_constructor("tag:yaml.org,2002:int", _Limits.construct_yaml_int)
+
+
+def _load(text: str, loader: type = _SafeLoader) -> Any:
+    """Parse yaml text under the recipe limits. Anchors and aliases are refused on the event stream,
+    before any node is composed (libyaml composes in C, where a loader cannot intercept them)."""
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _RecipeError(None, None, "anchors and aliases (&name, *name) are not allowed in a recipe: "
+                               "write each value out", event.start_mark)
+    return yaml.load(text, Loader=loader)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +179,9 @@ def _coerce(value: Any, tp: Any, where: str, source: str | None) -> Any:
         raise InputError(f"{where} must be a number, got {value!r}", path=source)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT64[0] <= value <= INT64[1]:
+                raise InputError(f"{where} must fit in 64 bits, got an integer of {len(str(abs(value)))} digits",
+                                 path=source)
             return value
         raise InputError(f"{where} must be an integer, got {value!r}", path=source)
     if tp is str:
@@ -249,9 +307,10 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise InputError(f"override {item!r} has no key before '=' (expected section.key=value)",
                          record="command line")
     try:
-        value = yaml.safe_load(raw)
+        value = _load(raw, _TextLoader)
     except yaml.YAMLError as exc:
-        raise InputError(f"cannot parse value {raw!r}: {_yaml_problem(exc)}", record=f"override {key}") from None
+        shown = raw if len(raw) <= 60 else raw[:40] + f"... ({len(raw)} characters)"
+        raise InputError(f"cannot parse value {shown!r}: {_yaml_problem(exc)}", record=f"override {key}") from None
     return key, value
 
 
@@ -281,7 +340,9 @@ def read_mapping(path: str | Path) -> dict:
     except UnicodeDecodeError as exc:
         raise InputError(f"not a yaml text file (not utf-8 at byte {exc.start})", path=path) from None
     try:
-        data = yaml.load(text, Loader=_SafeLoader)
+        data = _load(text)
+    except _RecipeError as exc:
+        raise InputError(_yaml_problem(exc), path=path) from None
     except yaml.YAMLError as exc:
         raise InputError(f"malformed yaml at {_yaml_problem(exc)}", path=path) from None
     if data is None:

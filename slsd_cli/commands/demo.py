@@ -50,9 +50,21 @@ def demo(
     overrides = {"teacher_iterations": teacher_iterations, "distill_iterations": distill_iterations,
                  "train_images": train_images, "val_images": val_images, "bootstrap": bootstrap}
     size = dataclasses.replace(size, **{k: v for k, v in overrides.items() if v is not None})
+    _check_size(size)  # before anything is written: a failed start leaves no folder behind
     # the CLI's entry point, handed over by `slsd_cli.cli.main` (commands never import the CLI): the demo
     # runs each of its steps through it, as `slsd <step>` would
     run_command = ctx.find_root().obj["run_command"]
     run_demo(out_dir, run_command, full=full, tune_only=tune, label_efficiency_mode=label_efficiency, seeds=parse_seeds(seeds),
              size=size, fractions=tuple(parse_fractions(fractions)),
              jobs=jobs or default_jobs(full or tune or label_efficiency))
+
+
+def _check_size(size) -> None:
+    """The data sizes the demo's `slsd synth` step will refuse, refused now (the same one line)."""
+    from slsd_cli.data.synthetic import min_val_images, train_image_counts
+    from slsd_cli.errors import InputError
+
+    need = min_val_images(train_image_counts(size.classes, size.train_images), size.train_images)
+    if size.val_images < need:
+        raise InputError(f"--val-images {size.val_images} is too few for {size.classes} classes with >= 5 "
+                         f"images each; use at least {need}")

@@ -3,6 +3,7 @@ label-fraction subsets of the training images."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -11,6 +12,19 @@ import numpy as np
 from slsd_cli.data.lvis import load_annotations, recount_categories
 from slsd_cli.errors import InputError
 from slsd_cli.io import FileSet, atomic_write_json, check_output
+
+
+def _copied_info(data: dict, source: Path) -> dict:
+    """The source's `info`, copied into every output: an object that json can write (no NaN)."""
+    info = data.get("info") or {}
+    if not isinstance(info, dict):
+        raise InputError(f"info must be an object, got {type(info).__name__}", path=source, record="info")
+    try:
+        json.dumps(info, allow_nan=False)
+    except ValueError:
+        raise InputError("holds a non-finite number (NaN or Infinity), which no json output can carry",
+                         path=source, record="info") from None
+    return dict(info)
 
 
 def fraction_file_name(fraction: float) -> str:
@@ -89,7 +103,7 @@ def split_dataset(annotations_path: str | Path, out_dir: str | Path, holdout: fl
     if not train_order:
         raise InputError("no training images left", path=source)
 
-    base_info = dict(data.get("info") or {})
+    base_info = _copied_info(data, source)
 
     def info(subset: str, fraction: float | None = None) -> dict:
         return {**base_info, "slsd_split": {"source": source.name, "subset": subset, "seed": seed,

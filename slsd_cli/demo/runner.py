@@ -10,6 +10,13 @@ queue; `run` runs a short step in this process at once (or waits for it, if it w
 Dependencies are the caller's: a step is submitted only once what it reads is done. With jobs = 1
 `submit` is `run`: every step runs in this process, in the order it is asked for.
 
+Signals: the demo stops its children with it. A SIGINT / SIGTERM to the demo ends it at once
+(`interrupts.Interrupted`) and `close` sends each running child SIGTERM, which makes a training step
+save its checkpoint and exit (the rerun resumes it), then waits for them; a child also gets SIGTERM
+when the demo dies without a chance to clean up (SIGKILL: `interrupts.stop_with_parent`). A child
+stopped by a signal stops the demo with the same exit code. The demo's folder is locked while it
+runs (`io.locks`), so a second demo into it fails at once.
+
 Why child processes: two small CPU trainings side by side with one thread each get 1.35x the
 throughput of one training with two threads on 2 cores (measured: 5.6-6.0 img/s each vs 8.6 img/s
 for the synthetic_tiny teacher). A child's results
@@ -28,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from slsd_cli import interrupts
 from slsd_cli.demo.report import Step
 from slsd_cli.errors import InputError
-from slsd_cli.io import atomic_write_json, make_dirs, read_json
+from slsd_cli.io import atomic_write_json, locks, make_dirs, read_json
 from slsd_cli.progress import info
 
 POLL_SECONDS = 0.5
@@ -60,6 +68,9 @@ class Runner:
     _running: list[_Job] = field(default_factory=list, init=False, repr=False)
     # argv -> its job while queued or running, None once done or skipped
     _known: dict[tuple[str, ...], _Job | None] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        locks.acquire(self.out_dir)  # one demo at a time in a folder (for the command that runs it)
 
     @property
     def _timings_path(self) -> Path:
@@ -110,18 +121,21 @@ class Runner:
                 time.sleep(POLL_SECONDS)
 
     def close(self) -> None:
-        """Stop children still running (on an error or an interrupt; training steps resume later)."""
-        for job in self._running:
-            if job.process is not None and job.process.poll() is None:
-                job.process.terminate()
-        for job in self._running:
-            if job.process is not None:
-                try:
-                    job.process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    job.process.kill()
-        self._running.clear()
-        self._queue.clear()
+        """Stop children still running (on an error or an interrupt): SIGTERM, so that a training step
+        saves its checkpoint (a rerun resumes it); SIGKILL for one still running after 60 s."""
+        with interrupts.deferred():  # a second signal must not leave children behind
+            for job in self._running:
+                if job.process is not None and job.process.poll() is None:
+                    job.process.terminate()
+            for job in self._running:
+                if job.process is not None:
+                    try:
+                        job.process.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        job.process.kill()
+                        job.process.wait()
+            self._running.clear()
+            self._queue.clear()
 
     # ------------------------------------------------------------ bookkeeping
     def _add(self, name: str, argv: list[str], marker: Path) -> _Job | None:
@@ -145,6 +159,10 @@ class Runner:
     def _finished(self, job: _Job, seconds: float, code: int) -> None:
         command = " ".join(job.step.argv)
         self._known[tuple(job.step.argv)] = None
+        signum = _stopped_by(code)
+        if signum is not None:  # a child stopped by SIGINT / SIGTERM (its own one line is in its log)
+            raise interrupts.Interrupted(signum, f"step '{job.step.name}' was stopped by a signal; rerun the demo to "
+                                                 "continue (finished steps are skipped, trainings resume)")
         if code == 0 and not job.marker.exists():
             code = -1  # exited 0 without its output: treated as a failure
         if code != 0:
@@ -159,7 +177,11 @@ class Runner:
     def _run_here(self, job: _Job) -> None:
         info(f"[bold cyan]demo:[/bold cyan] {job.step.name}: slsd {' '.join(job.step.argv)}")
         start = time.perf_counter()
-        code = self.run_command(job.step.argv)
+        try:
+            code = self.run_command(job.step.argv)
+        except interrupts.Interrupted as exc:
+            raise interrupts.Interrupted(exc.signum, f"step '{job.step.name}': {exc.message or 'stopped'}; rerun the "
+                                         "demo to continue (finished steps are skipped, trainings resume)") from None
         self._finished(job, time.perf_counter() - start, code)
 
     def _pump(self) -> None:
@@ -181,7 +203,8 @@ class Runner:
         make_dirs(logs)
         job.log = logs / (re.sub(r"[^A-Za-z0-9._-]+", "_", job.step.name)[:150] + ".log")
         threads = str(self.threads)
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               interrupts.PARENT_ENV: str(os.getpid())}  # the child stops when this process dies
         info(f"[bold cyan]demo:[/bold cyan] {job.step.name}: started ({threads} thread(s); output {job.log}): "
              f"slsd {' '.join(job.step.argv)}")
         with open(job.log, "wb") as log:
@@ -189,3 +212,11 @@ class Runner:
                                            stderr=subprocess.STDOUT, env=env)
         job.started = time.perf_counter()
         self._running.append(job)
+
+
+def _stopped_by(code: int) -> int | None:
+    """The signal that stopped a child: its exit code 128 + n (slsd's handler), or -n (killed)."""
+    for signum in interrupts.SIGNALS:
+        if code in (128 + signum, -signum):
+            return int(signum)
+    return None

@@ -2,7 +2,8 @@
 
     launch(recipe, run_dir, build, *, resume, force, outputs, describe) -> TrainResult
 
-1. refuse a run directory that is a file, or holds a run without --resume / --force (rank 0 decides);
+1. lock the run directory for the whole run (rank 0; a second launch into it fails at once), and refuse
+   a run directory that is a file, or holds a run without --resume / --force (rank 0 decides);
 2. build the phase (`build(recipe, dist)`: every input read and checked, the model built on the
    device) and the periodic evaluator for the phase's `categories` (its inputs checked too);
 3. with --resume and a checkpoint, load it into the phase and the optimizer (`trainer.setup`);
@@ -24,6 +25,7 @@ from slsd_cli import run_dir as runs
 from slsd_cli.distributed import DistInfo
 from slsd_cli.engine import periodic_eval
 from slsd_cli.engine import trainer
+from slsd_cli.io import locks
 from slsd_cli.progress import info
 from slsd_cli.recipe import Recipe
 from slsd_cli.typed_yaml import to_dict
@@ -35,7 +37,8 @@ def launch(recipe: Recipe, run_dir: str | Path, build: Callable[[Recipe, DistInf
     """Train the phase `build` makes from `recipe` into `run_dir` (see the module docstring)."""
     run_dir = Path(run_dir)
     runs.check_is_dir(run_dir)
-    with distributed.session(recipe.train.device, recipe.train.dist_timeout_minutes) as dist:
+    # the run is locked (rank 0) from the first check to the end: a second launch into it fails at once
+    with locks.scope(), distributed.session(recipe.train.device, recipe.train.dist_timeout_minutes) as dist:
         runs.check_on_main(run_dir, outputs, resume, force, dist)
         phase = build(recipe, dist)
         try:

@@ -36,7 +36,7 @@ from torch import Tensor
 from slsd_cli import distributed
 from slsd_cli import run_dir as runs
 from slsd_cli.distributed import DistInfo
-from slsd_cli.io import atomic_write_text, make_dirs, output_errors
+from slsd_cli.io import append_text, atomic_write_text, make_dirs
 from slsd_cli.progress import duration, progress, warn
 
 
@@ -156,8 +156,7 @@ class TrainLog:
                     if isinstance(value, (int, float)) and key not in ("iter", "time"):
                         self.writer.add_scalar(key, value, done)
             line = self.line(record)
-            with output_errors(self.log_file), open(self.log_file, "a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
+            append_text(self.log_file, line + "\n")
             if self.plain:
                 print(line, file=sys.stderr, flush=True)
             self._bar.update(self._task, status=_status(record))
@@ -205,10 +204,9 @@ def format_terms(terms: dict[str, Any]) -> str:
 
 
 def append_json(path: Path, record: dict) -> None:
+    """One json line appended (never through a symbolic link; disk full: the one-line error)."""
     make_dirs(path.parent)
-    with output_errors(path), open(path, "a", encoding="utf-8") as handle:  # disk full: the one line
-        handle.write(json.dumps(record, allow_nan=False) + "\n")
-        handle.flush()
+    append_text(path, json.dumps(record, allow_nan=False) + "\n")
 
 
 def truncate_jsonl(path: Path, iteration: int) -> None:

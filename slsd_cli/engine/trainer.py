@@ -77,6 +77,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -84,7 +85,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from slsd_cli import distributed
+from slsd_cli import distributed, interrupts
 from slsd_cli import run_dir as runs
 from slsd_cli.distributed import DistInfo
 from slsd_cli.engine import checkpoint as ckpt
@@ -172,13 +173,15 @@ def train(phase: Phase, cfg: Any, run_dir: str | Path, dist: DistInfo, *, resume
     log = TrainLog(run_dir, cfg, dist, start=start, elapsed=state.elapsed, resumed=ready.resumed)
     final_loss, last_bad, run_started = None, "", time.perf_counter()
     phase.trainable.train()
-    with log:
+    # SIGINT / SIGTERM stop the loop after the iteration they arrive in (every rank alike: `_step`
+    # sums the flag with its non-finite check), with a checkpoint: --resume continues from there
+    with log, interrupts.polled():
         for iteration in range(start, cfg.iterations):
             started = time.perf_counter()
             lr = set_lr(ready.optimizer, lr_factor(iteration, cfg.iterations, cfg.schedule, cfg.warmup_iters,
                                                    cfg.warmup_factor, cfg.min_lr_ratio))
             losses, data_time = _forward_backward(phase, model, ready, cfg, dist, iteration, accumulation)
-            grad_norm, bad = _step(ready, cfg, losses)
+            grad_norm, bad, interrupted = _step(ready, cfg, losses)
             if bad is None:
                 state.consecutive = 0
                 if not ready.scaler.is_enabled() or bool(torch.isfinite(grad_norm)):  # fp16: not an overflow
@@ -199,17 +202,22 @@ def train(phase: Phase, cfg: Any, run_dir: str | Path, dist: DistInfo, *, resume
             log.advance(done)
             if evaluator is not None and evaluator.due(done, cfg.iterations) and not stop:
                 evaluator.run(phase.trainable, phase.export, run_dir, done, log.stamp)
-            if stop or done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            if stop or interrupted or done % cfg.checkpoint_every == 0 or done == cfg.iterations:
                 _save_checkpoint(phase, ready, evaluator, run_dir, dist, cfg.keep_last, log.elapsed(), recipe)
+            if interrupted and done < cfg.iterations:
+                raise interrupts.Interrupted(
+                    interrupts.take() or signal.SIGTERM,
+                    f"stopped after iteration {done}/{cfg.iterations}, checkpoint saved in "
+                    f"{runs.last_checkpoint(run_dir)}; continue with the same command and --resume")
             if stop:
                 raise NonFiniteLossError(
                     f"{state.consecutive} consecutive non-finite losses (last at iteration {done}: {last_bad}); "
                     f"stopped. The weights before them are in {runs.last_checkpoint(run_dir)}: lower train.lr, "
                     "raise train.warmup_iters or use train.amp=bf16, then rerun with --resume", path=run_dir)
 
-    if dist.is_main:
-        phase.export(run_dir)
-    distributed.barrier()
+        if dist.is_main:
+            phase.export(run_dir)
+        distributed.barrier()
     seconds = time.perf_counter() - run_started
     run_images = (cfg.iterations - start) * images
     return TrainResult(run_dir=run_dir, iterations=cfg.iterations, skipped=state.skipped, final_loss=final_loss,
@@ -237,9 +245,10 @@ def _forward_backward(phase: Phase, model: nn.Module, ready: Setup, cfg: Any, di
     return step_losses, data_time
 
 
-def _step(ready: Setup, cfg: Any, losses: dict[str, Tensor]) -> tuple[Tensor, dict[str, str] | None]:
+def _step(ready: Setup, cfg: Any, losses: dict[str, Tensor]) -> tuple[Tensor, dict[str, str] | None, bool]:
     """Clip and step, or skip the step on every rank alike when any rank's loss or gradient is not
-    finite. Returns (gradient norm, None) or (gradient norm, {loss name: 'nan' / 'inf'}) if skipped."""
+    finite. Returns (gradient norm, None or {loss name: 'nan' / 'inf'} if skipped, whether any rank
+    received SIGINT / SIGTERM: the same all-reduce carries both, so the ranks stop together)."""
     optimizer, scaler = ready.optimizer, ready.scaler
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if scaler.is_enabled():
@@ -251,16 +260,19 @@ def _step(ready: Setup, cfg: Any, losses: dict[str, Tensor]) -> tuple[Tensor, di
     bad = (~torch.isfinite(sum(losses.values()))).float()
     if not scaler.is_enabled():  # with fp16 the scaler handles overflowing gradients itself
         bad = bad + (~torch.isfinite(grad_norm)).float()
-    if bool(distributed.all_reduce_sum(bad.reshape(1)).item() > 0):
+    signalled = torch.tensor(0.0 if interrupts.pending() is None else 1.0, device=bad.device)
+    flags = distributed.all_reduce_sum(torch.stack([bad.reshape(()), signalled])).tolist()
+    interrupted = flags[1] > 0
+    if flags[0] > 0:
         optimizer.zero_grad(set_to_none=True)
         if scaler.is_enabled():
             scaler.update()
-        return grad_norm, {n: str(float(v)) for n, v in losses.items() if not math.isfinite(float(v))}
+        return grad_norm, {n: str(float(v)) for n, v in losses.items() if not math.isfinite(float(v))}, interrupted
     scaler.step(optimizer)  # with fp16, skips the update itself when gradients overflowed
     if scaler.is_enabled():
         scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm, None
+    return grad_norm, None, interrupted
 
 
 # ------------------------------------------------------------------------------ set-up and checkpoints

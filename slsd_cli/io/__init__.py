@@ -5,6 +5,8 @@
 - `file_sets`: outputs of several files committed together (`FileSet`, journal + roll-back), and
   `check_output` (an existing output needs `--force`).
 - `tensors`: `torch.save` atomically, `torch.load(weights_only=True)`, safetensors.
+- `locks`: one run at a time per output (`flock` on `.NAME.lock`, held for the command; `scope`,
+  `acquire`).
 
 Import from here (`from slsd_cli.io import atomic_write_json`): the names below are the API.
 """
@@ -13,6 +15,8 @@ from slsd_cli.io.files import (  # noqa: F401
     write_error,
     output_errors,
     make_dirs,
+    new_dirs_removed_on_error,
+    append_text,
     remove_temporaries,
     remove_leftovers,
     scratch_dir,
@@ -25,6 +29,7 @@ from slsd_cli.io.files import (  # noqa: F401
     gc_paused,
     remove_path,
 )
+from slsd_cli.io import locks  # noqa: F401
 from slsd_cli.io.file_sets import (  # noqa: F401
     check_output,
     FileSet,

@@ -4,7 +4,8 @@ A `FileSet` is written into a staging folder beside its targets and renamed into
 under a journal: after a crash or SIGKILL at any point the next start rolls the folder back to the
 outputs as they were before, so either the whole new set is there or none of it, and a plain rerun
 completes without `--force`. `check_output` refuses an existing output without `--force`, after
-rolling back the sets a killed run left in its folder.
+rolling back the sets a killed run left in its folder, and locks the output for the command
+(`io.locks`: a second run into the same output fails at once, naming the first).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from slsd_cli import interrupts
 from slsd_cli.errors import InputError
+from slsd_cli.io import locks
 from slsd_cli.io.files import atomic_write_json, make_dirs, output_errors, remove_path, remove_temporaries
 
 if TYPE_CHECKING:  # torch is imported where it is used, so light commands start fast
@@ -26,10 +29,12 @@ if TYPE_CHECKING:  # torch is imported where it is used, so light commands start
 
 def check_output(path: str | Path, force: bool) -> Path:
     """Refuse to overwrite an existing output unless forced; create the parent directory; remove
-    the temporaries of this output that a killed run left behind. `FileSet` staging folders that
-    killed runs left in its folder are rolled back first (once per process), so half-committed
-    files do not count as existing outputs."""
+    the temporaries of this output that a killed run left behind. The output is locked first, for
+    the rest of the command (`io.locks`; a second run fails here, naming the first). `FileSet`
+    staging folders that killed runs left in its folder are rolled back next (once per process), so
+    half-committed files do not count as existing outputs."""
     path = Path(path)
+    locks.acquire(path)
     if path.parent.is_dir():
         _recover_once(path.parent)
     if path.exists() and not force:
@@ -95,35 +100,40 @@ def _recover_file_sets(folder: Path) -> None:
         return
     try:
         leftovers = [entry.name for entry in os.scandir(folder) if entry.name.startswith(".")
-                     and (entry.name.endswith(".set.tmp") or entry.name.endswith(".claim")) and entry.is_dir()]
+                     and (entry.name.endswith(".set.tmp") or entry.name.endswith(".claim"))
+                     and entry.is_dir(follow_symlinks=False)]
     except (FileNotFoundError, NotADirectoryError):
         return
     for leftover in leftovers:
         staging = folder / leftover
         if _alive(staging):
             continue  # being written, or recovered, by a live process
-        if leftover.endswith(".set.tmp"):
-            claimed = folder / f"{leftover}.{os.getpid()}.{os.urandom(4).hex()}.claim"
-            try:
-                os.rename(staging, claimed)
-            except FileNotFoundError:
-                continue  # another process claimed it
-            staging = claimed
-        with output_errors(staging, staging):
-            _write_owner(staging)
-            try:
-                targets = [folder / t for t in json.loads((staging / _JOURNAL).read_text())["targets"]]
-            except (OSError, ValueError, KeyError, TypeError):
-                targets = []  # no journal (or a torn one): nothing was renamed into place yet
-            for i, target in enumerate(targets):
-                new, old = staging / str(i) / target.name, staging / f"{i}.old"
-                if not new.exists():  # the new version was renamed into place: take it out again
-                    remove_path(target)
-                if old.exists() and not target.exists():
-                    os.rename(old, target)  # the previous version comes back
-            shutil.rmtree(staging)
+        with interrupts.deferred():  # a roll-back is finished, whatever signal comes
+            _roll_back(folder, leftover, staging)
 
 
+def _roll_back(folder: Path, leftover: str, staging: Path) -> None:
+    """`_recover_file_sets` for one staging folder."""
+    if leftover.endswith(".set.tmp"):
+        claimed = folder / f"{leftover}.{os.getpid()}.{os.urandom(4).hex()}.claim"
+        try:
+            os.rename(staging, claimed)
+        except FileNotFoundError:
+            return  # another process claimed it
+        staging = claimed
+    with output_errors(staging, staging):
+        _write_owner(staging)
+        try:
+            targets = [folder / t for t in json.loads((staging / _JOURNAL).read_text())["targets"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            targets = []  # no journal (or a torn one): nothing was renamed into place yet
+        for i, target in enumerate(targets):
+            new, old = staging / str(i) / target.name, staging / f"{i}.old"
+            if not new.exists():  # the new version was renamed into place: take it out again
+                remove_path(target)
+            if old.exists() and not target.exists():
+                os.rename(old, target)  # the previous version comes back
+        shutil.rmtree(staging)
 
 
 class FileSet:
@@ -172,7 +182,7 @@ class FileSet:
         missing = [t for t in self.targets if not self.stage(t).exists()]
         if missing:
             raise RuntimeError(f"FileSet.commit: {missing[0]} was never written")
-        with output_errors(self.targets[0], self.staging, *self.targets):
+        with interrupts.deferred(), output_errors(self.targets[0], self.staging, *self.targets):
             folder = self.staging.parent
             atomic_write_json(self.staging / _JOURNAL,
                               {"targets": [os.path.relpath(t.absolute(), folder) for t in self.targets]})
@@ -186,7 +196,7 @@ class FileSet:
             shutil.rmtree(self.staging)
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
+        with interrupts.deferred(), contextlib.suppress(OSError):
             shutil.rmtree(self.staging)
 
     def rollback(self) -> None:

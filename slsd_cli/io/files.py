@@ -52,6 +52,8 @@ def write_error(exc: OSError, path: str | Path) -> InputError:
         reason = "read-only file system"
     elif exc.errno in (errno.EACCES, errno.EPERM):
         reason = "permission denied"
+    elif exc.errno == errno.ELOOP:
+        reason = "a symbolic link is in the way; slsd writes through no link it did not create"
     return InputError(f"cannot write this output ({reason})", path=path)
 
 
@@ -59,14 +61,39 @@ def write_error(exc: OSError, path: str | Path) -> InputError:
 def output_errors(path: str | Path, *also: str | Path) -> Iterator[None]:
     """Turn an OSError raised while writing `path` (or its temporaries `also`) into the one-line
     InputError naming `path`. An OSError about some other file (an input being read) passes."""
-    mine = {os.fspath(p) for p in (path, *also)}
+    mine = {os.path.abspath(p) for p in (path, *also)}  # absolute: tempfile names its files so
     try:
         yield
     except OSError as exc:
-        if exc.filename is not None and os.fspath(exc.filename) not in mine \
-                and not any(os.fspath(exc.filename).startswith(p + os.sep) for p in mine):
-            raise
+        if exc.filename is not None and not isinstance(exc.filename, int):
+            failed = os.path.abspath(os.fsdecode(exc.filename))
+            if failed not in mine and not any(failed.startswith(p + os.sep) for p in mine):
+                raise
         raise write_error(exc, path) from exc
+
+
+# folders made by the commands running now, innermost last (see `new_dirs_removed_on_error`)
+_new_dirs: list[list[Path]] = []
+
+
+@contextlib.contextmanager
+def new_dirs_removed_on_error() -> Iterator[None]:
+    """A command that fails or is interrupted leaves no new empty folder: the folders `make_dirs`
+    created in the body are removed again, deepest first, when the body raises and they are still
+    empty (a folder that received a file stays). The CLI wraps every command in this."""
+    mine: list[Path] = []
+    _new_dirs.append(mine)
+    try:
+        yield
+    except BaseException:
+        for folder in reversed(mine):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+    finally:
+        _new_dirs.remove(mine)
+        if _new_dirs:
+            _new_dirs[-1].extend(mine)  # a nested command's folders belong to the outer one too
 
 
 def make_dirs(folder: str | Path) -> Path:
@@ -75,8 +102,26 @@ def make_dirs(folder: str | Path) -> Path:
     with output_errors(folder, *map(str, folder.parents)):
         if folder.exists() and not folder.is_dir():
             raise InputError("an output folder is needed here, but this is a file", path=folder)
+        missing = []
+        if _new_dirs:
+            for parent in (folder, *folder.parents):
+                if os.path.lexists(parent):
+                    break
+                missing.append(parent)
         folder.mkdir(parents=True, exist_ok=True)
+        if _new_dirs:
+            _new_dirs[-1].extend(reversed(missing))
     return folder
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append to a log file (creating it), never through a symbolic link (O_NOFOLLOW: a link
+    planted in place of a run's log must not make slsd write outside the run); a refusal of the
+    file system is the one-line error naming `path`."""
+    with output_errors(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        with open(fd, "a", encoding="utf-8") as handle:
+            handle.write(text)
 
 
 def remove_temporaries(path: str | Path) -> int:

@@ -9,6 +9,7 @@ file and the record. Category ids stay as in the file; models use the contiguous
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -91,11 +92,38 @@ class Annotations:
         return [int(c["instance_count"]) for c in self.categories]
 
 
-def image_file_name(image: dict) -> str:
-    """COCO gives `file_name`; LVIS v1 gives `coco_url`, whose last part is the file name."""
-    if image.get("file_name"):
-        return str(image["file_name"])
-    return str(image["coco_url"]).rsplit("/", 1)[-1]
+def image_file_name(image: dict, path: str | Path | None = None, record: Any = None) -> str:
+    """COCO gives `file_name`; LVIS v1 gives `coco_url`, whose last part is the file name. The name is
+    checked (`check_file_name`): it resolves lexically under the image folder it is joined to."""
+    name = image.get("file_name")
+    if name is None and isinstance(image.get("coco_url"), str):
+        name = image["coco_url"].rsplit("/", 1)[-1]
+        if not name:
+            raise InputError("coco_url ends with '/': it names no file", path=path, record=record)
+    elif name is None:
+        raise InputError("missing required key 'file_name' (or 'coco_url')", path=path, record=record)
+    return check_file_name(name, path=path, record=record)
+
+
+def check_file_name(name: Any, *, path: str | Path | None = None, record: Any = None) -> str:
+    """An image's file name, relative to its image folder: a non-empty string without control
+    characters, not absolute, and without `..` parts, so that `images_dir / name` stays inside the
+    folder (lexically: symlinked folders inside it keep working)."""
+    if not isinstance(name, str):
+        raise InputError(f"file_name must be a string, got {_show(name)}", path=path, record=record)
+    if not name.strip():
+        raise InputError("file_name is empty", path=path, record=record)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise InputError(f"file_name {name!r} holds a control character (a newline, a tab, ...)", path=path,
+                         record=record)
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or _DRIVE.match(name):
+        raise InputError(f"file_name {name!r} is an absolute path: image names are relative to the image "
+                         "folder (--images)", path=path, record=record)
+    if ".." in parts:
+        raise InputError(f"file_name {name!r} leads out of the image folder ('..'): image names are relative "
+                         "to the image folder (--images)", path=path, record=record)
+    return name
 
 
 def detect_protocol(data: dict) -> Protocol:
@@ -302,7 +330,9 @@ def _images_pass(images: list, category_ids: set) -> bool:
         if not _types_within(images, {dict}):
             return False
         list(map(itemgetter("id"), images))  # a missing key raises KeyError: the per-record checks name it
-        if not all(img.get("file_name") or img.get("coco_url") for img in images):
+        if not all(_plain_name(img.get("file_name")) or img.get("file_name") is None
+                   and isinstance(img.get("coco_url"), str) and _plain_name(img["coco_url"].rsplit("/", 1)[-1])
+                   for img in images):
             return False
         for dim in ("width", "height"):
             values = list(map(itemgetter(dim), images))
@@ -320,13 +350,22 @@ def _images_pass(images: list, category_ids: set) -> bool:
         return False
 
 
+_DRIVE = re.compile(r"[A-Za-z]:[/\\]")  # a Windows absolute path
+_PLAIN_NAME = re.compile(r"[^\x00-\x1f\x7f/\\\\][^\x00-\x1f\x7f]*")
+
+
+def _plain_name(name: Any) -> bool:
+    """The fast path of `check_file_name`: a relative name without control characters or `..`."""
+    return isinstance(name, str) and _PLAIN_NAME.fullmatch(name) is not None and ".." not in name \
+        and bool(name.strip()) and not _DRIVE.match(name)
+
+
 def _check_image_records(images: list, category_ids: set, path: Path) -> None:
     """The exact per-record checks of the images; raise InputError on the first bad one."""
     for i, img in enumerate(images):
         where = f"images[{i}]"
         _require_keys(img, ("id", "width", "height"), path, where)
-        if not img.get("file_name") and not img.get("coco_url"):
-            raise InputError("missing required key 'file_name' (or 'coco_url')", path=path, record=where)
+        image_file_name(img, path=path, record=f"{where} (id {img['id']})")
         for dim in ("width", "height"):
             if not isinstance(img[dim], int) or isinstance(img[dim], bool) or img[dim] <= 0:
                 raise InputError(f"{dim} must be a positive integer, got {_show(img[dim])}", path=path,

@@ -191,15 +191,27 @@ def test_category_permutation_round_trips():
     ("missing", "backbone.net.blocks.1.attn.q_bias"),
     ("misshapen", "roi_heads.box_head.0.fc1.weight"),
     ("extra", "backbone.net.blocks.0.attn.k_bias"),
+    ("copy differs", "backbone.net.blocks.2.attn.rope.freqs_sin"),  # a windowed block's copy of rope_win
+    ("copy of the other table", "backbone.net.blocks.1.attn.rope.freqs_cos"),  # global block 1 holding rope_win
+    ("NaN", "backbone.net.blocks.3.mlp.w3.weight"),
+    ("inf", "roi_heads.box_predictor.2.cls_score.bias"),
 ])
-def test_missing_misshapen_or_extra_key_is_a_one_line_exit_2(files, tmp_path, capsys, damage, named):
+def test_bad_tensor_is_a_one_line_exit_2_before_anything_is_written(files, tmp_path, capsys, damage, named):
     state = dict(files[1])
     if damage == "missing":
         del state[named]
     elif damage == "misshapen":
         state[named] = torch.zeros(3, 5)
-    else:
+    elif damage == "extra":
         state[named] = torch.zeros(64)
+    elif damage == "copy differs":
+        state[named] = state[named].clone()
+        state[named][5, 7] += 1e-6
+    elif damage == "copy of the other table":
+        state[named] = state["backbone.net.rope_win.freqs_cos"]
+    else:
+        state[named] = state[named].clone()
+        state[named].view(-1)[3] = float(damage.lower())
     ckpt = tmp_path / "bad.pth"
     torch.save({"model": state}, ckpt)
     root, _, _, ann, recipe = files
@@ -208,7 +220,19 @@ def test_missing_misshapen_or_extra_key_is_a_one_line_exit_2(files, tmp_path, ca
                  "--recipe", str(recipe)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and named in err and "Traceback" not in err
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_whose_global_blocks_differ_is_refused_by_the_rope_copies(files, tmp_path, capsys):
+    """Block 0 global in the recipe, windowed in the checkpoint: its RoPE copy names the mismatch."""
+    root, _, ckpt, ann, recipe = files
+    capsys.readouterr()
+    code = main(["convert", str(ckpt), "--annotations", str(ann), "--out-dir", str(tmp_path / "out"),
+                 "--recipe", str(recipe), "model.global_blocks=[0,3]"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "'backbone.net.blocks.0.attn.rope.freqs_cos' differs from 'backbone.net.rope_glb.freqs_cos'" in err
+    assert "model.global_blocks [0, 3]" in err
 
 
 class _Evil:

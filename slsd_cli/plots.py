@@ -35,16 +35,15 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from pycocotools import mask as mask_utils
 
 from slsd_cli.data.images import load_image
-from slsd_cli.data.lvis import Annotations, segmentation_to_rle
+from slsd_cli.data.lvis import FREQUENCY_GROUPS as GROUPS  # LVIS frequency groups, in plotting order
+from slsd_cli.data.lvis import GROUP_NAMES, Annotations, segmentation_to_rle
 from slsd_cli.errors import InputError
 from slsd_cli.io import atomic_path, check_output, read_json
 from slsd_cli.data.results import read_results
 
 DPI = 150
 PANEL_IN = 4.0  # reliability / label-efficiency panel side, inches
-GROUPS = ("r", "c", "f")                   # LVIS frequency groups, in plotting order
 GROUP_COLOURS = {"r": "#d62728", "c": "#1f77b4", "f": "#2ca02c"}  # one colour per group, dots and lines alike
-GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 IOU_TYPES = ("segm", "bbox")
 MAX_PREDICTION_IMAGES = 16
 PREDICTION_PANEL_IN = 3.0  # predictions panel width, inches

@@ -50,6 +50,8 @@ def synth(
 def print_summary(summary: dict) -> None:
     from rich.table import Table
 
+    from slsd_cli.data.lvis import FREQUENCY_GROUPS
+
     groups = summary["groups"]
     table = Table(title=f"slsd synth -> {summary['out_dir']}  ({summary['classes']} classes: "
                         f"{groups['r']} rare, {groups['c']} common, {groups['f']} frequent; "
@@ -60,6 +62,6 @@ def print_summary(summary: dict) -> None:
         by_group = split["instances_by_group"]
         total = max(split["instances"], 1)
         table.add_row(name, str(split["images"]), str(split["empty_images"]), str(split["instances"]),
-                      *(f"{by_group[g]} ({100 * by_group[g] / total:.1f}%)" for g in ("r", "c", "f")))
+                      *(f"{by_group[g]} ({100 * by_group[g] / total:.1f}%)" for g in FREQUENCY_GROUPS))
     show(table)
     info(f"images: {summary['images_dir']}  (pass --images {summary['images_dir']})")

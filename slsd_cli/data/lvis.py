@@ -36,6 +36,12 @@ COMMON_MAX_IMAGES = 100
 BOX_TOLERANCE_PX = 1.0
 
 
+# The groups' one home: their letters in LVIS's order (every table, log and option lists them so)
+# and their names in tables and options (`slsd retrieve --queries rare`).
+FREQUENCY_GROUPS = ("r", "c", "f")
+GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
+
+
 def frequency_group(image_count: int) -> str:
     """'r' (<= 10 training images), 'c' (11-100) or 'f' (> 100), as LVIS defines them."""
     if image_count <= RARE_MAX_IMAGES:
@@ -303,7 +309,7 @@ def validate_dataset(data: Any, path: Path, require_annotations: bool = True) ->
         for key in ("image_count", "instance_count"):
             if key in cat:
                 check_number(cat[key], key, path=path, record=where, integer=True, minimum=0)
-        if "frequency" in cat and cat["frequency"] not in ("r", "c", "f"):
+        if "frequency" in cat and cat["frequency"] not in FREQUENCY_GROUPS:
             raise InputError(f"frequency must be 'r', 'c' or 'f', got {_show(cat['frequency'])}", path=path,
                              record=where)
     category_ids = {c["id"] for c in data["categories"]}

@@ -64,7 +64,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from slsd_cli.data.lvis import dataset_dict, frequency_group
+from slsd_cli.data.lvis import FREQUENCY_GROUPS, dataset_dict, frequency_group
 from slsd_cli.errors import InputError
 from slsd_cli.io import FileSet, atomic_write_json, check_output, make_dirs, output_errors, remove_leftovers
 
@@ -512,7 +512,7 @@ def _split_records(split: str, memberships: list[list[int]], classes: list[Synth
 
 def _group_shares(annotations: list[dict], group_of: dict[int, str]) -> dict[str, int]:
     counts = Counter(group_of[a["category_id"]] for a in annotations)
-    return {g: int(counts.get(g, 0)) for g in ("r", "c", "f")}
+    return {g: int(counts.get(g, 0)) for g in FREQUENCY_GROUPS}
 
 
 def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = None, val_images: int | None = None,
@@ -619,7 +619,7 @@ def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = 
         "seed": seed,
         "image_size": image_size,
         "classes": classes,
-        "groups": {g: int(groups.get(g, 0)) for g in ("r", "c", "f")},
+        "groups": {g: int(groups.get(g, 0)) for g in FREQUENCY_GROUPS},
         "splits": {name: {"images": len(imgs), "instances": len(anns),
                           "empty_images": len(imgs) - len({a["image_id"] for a in anns}),
                           "instances_by_group": _group_shares(anns, group_of)}

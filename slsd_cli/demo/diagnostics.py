@@ -17,9 +17,8 @@ import resource
 import statistics
 from pathlib import Path
 
+from slsd_cli.data.lvis import FREQUENCY_GROUPS as GROUPS
 from slsd_cli.io import read_json, read_jsonl
-
-GROUPS = ("r", "c", "f")
 _PSEUDO_KEYS = {"all": "pl_per_image", "r": "pl_per_image_r", "c": "pl_per_image_c", "f": "pl_per_image_f",
                 "confidence": "pl_confidence"}
 

@@ -621,9 +621,11 @@ def _setup(demo: Demo, mode: str, chosen: Mapping[str, dict]) -> list[str]:
     lines = []
     if (demo.split / "train.json").exists():
         def groups(path: Path) -> str:
+            from slsd_cli.data.lvis import FREQUENCY_GROUPS, GROUP_NAMES
+
             classes = read_json(path)["categories"]
-            count = {g: sum(c["frequency"] == g for c in classes) for g in "rcf"}
-            return f"{count['r']} rare, {count['c']} common, {count['f']} frequent"
+            count = {g: sum(c["frequency"] == g for c in classes) for g in FREQUENCY_GROUPS}
+            return ", ".join(f"{count[g]} {GROUP_NAMES[g]}" for g in FREQUENCY_GROUPS)
         lines.append(f"- Data (`slsd synth`): {size.classes} classes — {groups(demo.split / 'train.json')} in the "
                      f"training split the models learn from; {size.train_images} training images (85% train, 15% "
                      f"held out), {size.val_images} val, {size.pool_images} pool images of {size.image_size}²."

@@ -17,10 +17,9 @@ from typing import Mapping
 
 import numpy as np
 
+from slsd_cli.data.lvis import FREQUENCY_GROUPS as GROUPS
+from slsd_cli.data.lvis import GROUP_NAMES
 from slsd_cli.stats import Interval, bootstrap_indices, bootstrap_interval
-
-GROUPS = ("r", "c", "f")
-GROUP_NAMES = {"r": "rare", "c": "common", "f": "frequent"}
 
 
 def _group_means(calibration: Mapping) -> dict[str, float]:

@@ -21,6 +21,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Collection, Mapping, Sequence
 
+from slsd_cli.data.lvis import FREQUENCY_GROUPS
 from slsd_cli.demo.settings import SHORT_NAMES, format_value
 
 METRIC = ("segm", "AP")
@@ -162,7 +163,7 @@ def grid_table(grid: Grid, results: Sequence[CellResult]) -> list[str]:
         cells += [_num(r.metrics.get(k)) for k in ("AP", "APr", "APc", "APf", "box AP")]
         if with_pl:
             pl = r.pseudo_labels or {}
-            cells += [_num(pl.get(k), 2) for k in ("all", "r", "c", "f")]
+            cells += [_num(pl.get(k), 2) for k in ("all", *FREQUENCY_GROUPS)]
         cells.append("**yes**" if r.chosen else "")
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -45,7 +45,7 @@ from slsd_cli import run_dir as runs
 from slsd_cli.typed_yaml import to_dict
 from slsd_cli.data.batching import Batch, collate_pairs
 from slsd_cli.data.dataset import InstanceDataset
-from slsd_cli.data.lvis import Annotations, frequency_group, load_annotations
+from slsd_cli.data.lvis import FREQUENCY_GROUPS, Annotations, frequency_group, load_annotations
 from slsd_cli.data.transforms import WeakStrongTransform
 from slsd_cli.engine.ema import EMATeacher
 from slsd_cli.labels.pseudo_labels import PseudoLabelSpec, PseudoLabelStats, pseudo_label_targets
@@ -183,7 +183,7 @@ class DistillPhase:
 def category_group(category: dict) -> str:
     """r/c/f of a category: its `frequency` field, else from its `image_count` (else 'f')."""
     group = category.get("frequency")
-    if group in ("r", "c", "f"):
+    if group in FREQUENCY_GROUPS:
         return group
     if "image_count" in category:
         return frequency_group(int(category["image_count"]))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from slsd_cli.data.lvis import FREQUENCY_GROUPS
 from slsd_cli.evaluation import matching
 from slsd_cli.errors import InputError
 
@@ -48,7 +49,6 @@ IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, 
 RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
 AREA_LABELS = ("all", "small", "medium", "large")
 AREA_RANGES = np.array([[0 ** 2, 1e5 ** 2], [0 ** 2, 32 ** 2], [32 ** 2, 96 ** 2], [96 ** 2, 1e5 ** 2]])
-FREQUENCY_GROUPS = ("r", "c", "f")
 
 
 def limit_per_image(image_ids: np.ndarray, scores: np.ndarray, max_dets: int) -> np.ndarray:

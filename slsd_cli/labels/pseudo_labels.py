@@ -34,11 +34,12 @@ from typing import Literal, NamedTuple, Optional, Sequence
 
 import torch
 
+from slsd_cli.data.lvis import FREQUENCY_GROUPS as GROUPS
+
 TargetMode = Literal["onehot", "soft"]
 Scope = Literal["all", "predicted"]
 ThresholdOn = Literal["raw", "corrected"]
 Background = Literal["hard", "teacher"]
-GROUPS = ("r", "c", "f")
 MIN_BOX_SIDE = 1.0  # pixels; a thinner pseudo-box (after clipping to the image) is not a usable target
 
 

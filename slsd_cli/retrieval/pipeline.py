@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from slsd_cli import distributed
-from slsd_cli.data.lvis import image_file_name, load_annotations
+from slsd_cli.data.lvis import FREQUENCY_GROUPS, GROUP_NAMES, image_file_name, load_annotations
 from slsd_cli.errors import InputError
 from slsd_cli.io import FileSet, atomic_path, atomic_write_json, check_output
 from slsd_cli.retrieval import index as faiss_index
@@ -46,8 +46,6 @@ from slsd_cli.retrieval.cache import embed_items, first_error, refused_run_clean
 from slsd_cli.retrieval.embedders import DEFAULT_EMBEDDER, build_embedder
 from slsd_cli.retrieval.images import Item, PoolListing, file_content_hash, list_pool
 
-GROUP_NAMES = {"rare": "r", "common": "c", "frequent": "f", "r": "r", "c": "c", "f": "f"}
-GROUP_LABELS = {"r": "rare", "c": "common", "f": "frequent"}
 SUMMARY_NAME = "retrieval_summary.json"
 JSONL_NAME = "retrieval.jsonl"
 KEEP_NAME = "keep.npy"  # stage 2's decision, for the other ranks (under torchrun)
@@ -89,14 +87,16 @@ class RetrieveConfig:
 def parse_groups(spec: str) -> list[str]:
     """'rare', 'rare,common', 'all', 'r,c' -> ['r', 'c', ...] in r, c, f order."""
     if spec.strip() == "all":
-        return ["r", "c", "f"]
+        return list(FREQUENCY_GROUPS)
+    letters = {name: g for g, name in GROUP_NAMES.items()} | {g: g for g in FREQUENCY_GROUPS}
     groups = set()
     for part in spec.split(","):
         part = part.strip().lower()
-        if part not in GROUP_NAMES:
-            raise InputError(f"--queries must be rare, common, frequent, all or a comma list of them; got {spec!r}")
-        groups.add(GROUP_NAMES[part])
-    return [g for g in ("r", "c", "f") if g in groups]
+        if part not in letters:
+            raise InputError(f"--queries must be {', '.join(GROUP_NAMES.values())}, all or a comma list of them; "
+                             f"got {spec!r}")
+        groups.add(letters[part])
+    return [g for g in FREQUENCY_GROUPS if g in groups]
 
 
 def output_paths(out: Path) -> tuple[Path, Path, Path]:
@@ -126,7 +126,7 @@ def select_queries(annotations, groups: list[str]) -> list[dict]:
     queries = [a for a in annotations.annotations
                if frequency[a["category_id"]] in groups and not a.get("iscrowd", 0)]
     if not queries:
-        names = "/".join(GROUP_LABELS[g] for g in groups)
+        names = "/".join(GROUP_NAMES[g] for g in groups)
         raise InputError(f"empty query set: no (non-crowd) instances of {names} classes", path=annotations.path)
     return queries
 
@@ -479,9 +479,9 @@ def _unlabeled_json(cfg: RetrieveConfig, groups: list[str], inputs: _Inputs, fin
         images_out.append({"id": pool.image_id(int(p)), "file_name": pool.file_name(int(p)), "width": width,
                            "height": height})
     info_doc = {"description": "slsd retrieve: unlabeled images retrieved for "
-                               + "/".join(GROUP_LABELS[g] for g in groups) + " queries",
+                               + "/".join(GROUP_NAMES[g] for g in groups) + " queries",
                 "images_dir": str(pool.root), "annotations": str(cfg.annotations), "pool": str(cfg.pool),
-                "embedder": inputs.embedder.name, "k": cfg.k, "queries": [GROUP_LABELS[g] for g in groups]}
+                "embedder": inputs.embedder.name, "k": cfg.k, "queries": [GROUP_NAMES[g] for g in groups]}
     return {"info": info_doc, "images": images_out, "annotations": [],
             "categories": inputs.annotations.data["categories"]}
 
@@ -525,11 +525,11 @@ def _write_outputs(cfg: RetrieveConfig, groups: list[str], inputs: _Inputs, foun
                                                            selection.near_dup_of)
         atomic_write_json(files.stage(out_path), _unlabeled_json(cfg, groups, inputs, selection.final, sizes))
         summary = {
-            "queries": {GROUP_LABELS[g]: per_group_queries[g] for g in groups},
-            "query_classes": {GROUP_LABELS[g]: len({a["category_id"] for a in inputs.queries
+            "queries": {GROUP_NAMES[g]: per_group_queries[g] for g in groups},
+            "query_classes": {GROUP_NAMES[g]: len({a["category_id"] for a in inputs.queries
                                                     if inputs.frequency[a["category_id"]] == g})
                               for g in groups},
-            "images_per_group": {GROUP_LABELS[g]: len(per_group_images[g]) for g in groups},
+            "images_per_group": {GROUP_NAMES[g]: len(per_group_images[g]) for g in groups},
             "k": cfg.k,
             "pool_images": len(inputs.pool),
             **_exclusion_summary(inputs.pool, plan, errors),

@@ -117,3 +117,99 @@ def test_the_model_is_required(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--checkpoint RUN" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def _by_file(out: Path) -> dict[str, list[dict]]:
+    index = json.loads(out.with_name(f"{out.stem}.images.json").read_text())
+    names = {img["id"]: Path(img["file_name"]).name for img in index["images"]}
+    grouped: dict[str, list[dict]] = {}
+    for rec in json.loads(out.read_text()):
+        grouped.setdefault(names[rec["image_id"]], []).append({k: v for k, v in rec.items() if k != "image_id"})
+    return grouped
+
+
+def test_exif_and_16_bit_images_give_the_detections_of_their_plain_twins(world, capsys):
+    """An orientation-6 JPEG detects as its upright PNG; a 16-bit gray PNG as the same picture in 8
+    bits (issues 21.3, 24); --amp auto says what it chose."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.unit.test_image_reader import save_rotated_pair
+
+    root, _, run, _, _ = world
+    folder = root / "twins"
+    folder.mkdir()
+    save_rotated_pair(folder)
+    gray = np.kron(np.random.default_rng(1).integers(0, 256, (12, 10), dtype=np.uint8), np.ones((4, 4), np.uint8))
+    Image.fromarray(gray, mode="L").save(folder / "gray8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "gray16.png")
+    out = root / "twins.json"
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run), str(folder), "--out", str(out)]) == 0
+    assert "precision: fp32 (--amp auto on cpu)" in capsys.readouterr().err
+    dets = _by_file(out)
+    assert len(dets["phone.jpg"]) == 20 and dets["phone.jpg"] == dets["phone_upright.png"]
+    assert len(dets["gray8.png"]) == 20 and dets["gray8.png"] == dets["gray16.png"]
+
+
+def test_soft_nms_and_maskness_reach_the_model(world):
+    root, synth, run, folder, _ = world
+    plain, soft = root / "plain.json", root / "soft.json"
+    one = str(folder / "val_000000.png")
+    assert main(["predict", "--checkpoint", str(run), one, "--out", str(plain)]) == 0
+    assert main(["predict", "--checkpoint", str(run), one, "--out", str(soft), "--soft-nms", "gaussian",
+                 "--soft-nms-sigma", "0.5", "--maskness", "0.5", "--max-dets", "60"]) == 0
+    plain_recs, soft_recs = json.loads(plain.read_text()), json.loads(soft.read_text())
+    assert len(plain_recs) == 20  # hard NMS: the model's max_detections
+    assert len(soft_recs) == 60  # soft-NMS keeps every survivor; --max-dets keeps the top 60
+    assert max(r["score"] for r in soft_recs) < max(r["score"] for r in plain_recs)  # maskness <= 1
+    assert main(["predict", "--checkpoint", str(run), one, "--out", str(root / "bad.json"),
+                 "--soft-nms", "hard"]) == 2
+    assert main(["eval", "--annotations", str(synth / "val.json"), "--checkpoint", str(run), "--images",
+                 str(synth / "images"), "--out-dir", str(root / "bad_eval"), "--maskness", "2"]) == 2
+    assert not (root / "bad.json").exists() and not (root / "bad_eval").exists()
+
+
+def test_outputs_are_checked_before_anything_is_written(world, capsys):
+    root, _, run, folder, _ = world
+    one = str(folder / "val_000000.png")
+    target = root / "checked"
+    target.mkdir()
+    (target / "a_folder.json").mkdir()
+    (target / "a_file").write_text("x")
+    cases = [(["--out", str(target / "a_folder.json")], "is a folder"),
+             (["--out", str(target / "r.json"), "--render", str(target / "a_file")], "--render must be a folder"),
+             (["--out", str(target / "r.json"), "--render", str(target / "a_file" / "below")], "below a file")]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(["predict", "--checkpoint", str(run), one, *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err
+    assert sorted(p.name for p in target.iterdir()) == ["a_file", "a_folder.json"]  # nothing written
+    # a truncated image: one line, and no results, index or staging folder left behind
+    broken = root / "broken"
+    broken.mkdir()
+    shutil.copy(folder / "val_000000.png", broken / "a.png")
+    data = (folder / "val_000001.png").read_bytes()
+    (broken / "b.png").write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run), str(broken), "--out", str(target / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in err and len(errors) == 1 and "truncated" in errors[0] and "b.png" in errors[0]
+    assert sorted(p.name for p in target.iterdir()) == ["a_file", "a_folder.json"]
+
+
+def test_render_names_fit_the_file_system(world):
+    """A 254-byte image name: its drawing and the drawing's temporary still fit 255 bytes."""
+    root, _, run, folder, _ = world
+    long_dir = root / "long"
+    long_dir.mkdir()
+    name = "x" * 250 + ".png"
+    shutil.copy(folder / "val_000000.png", long_dir / name)
+    assert len(name.encode()) == 254
+    drawn = root / "long_drawn"
+    assert main(["predict", "--checkpoint", str(run), str(long_dir), "--out", str(root / "long.json"),
+                 "--render", str(drawn)]) == 0
+    [png] = list(drawn.iterdir())
+    assert png.name.endswith("_1.png") and png.name.startswith("x" * 150) and len(png.name.encode()) <= 200

@@ -5,7 +5,9 @@ EVA-02 (`load_eva_weights`): by name through timm's hub download (`timm.create_m
 pretrained=True, patch_size=16, img_size=<the weights' own grid>)`), or from a local file
 (safetensors, or a torch file read with weights_only=True; timm or original EVA key names,
 optionally wrapped in "model"/"module"/...), run through timm's EVA checkpoint filter. Either way
-timm converts the key names and resamples the patch-14 kernel to patch 16 (`resample_patch_embed`);
+timm converts the key names; a patch-14 kernel and its position grid go to patch 16 as EVA-02 does
+(`model.patch_resize: eva`, `timm_models.eva_p14_to_p16`: bicubic kernel, grid 16 -> 14) or as timm
+does (`timm`: `resample_patch_embed`'s PI-resize, grid kept);
 the position embedding is resampled to our grid with plain bicubic interpolation
 (`eva02.resample_pos_embed`: no antialiasing, as EVA-02's detector does on every forward — timm's
 default antialiased resampling changes the table by up to 8%). We copy patch embedding, position
@@ -30,6 +32,7 @@ from torch import nn
 from slsd_cli.errors import InputError
 from slsd_cli.model.eva02 import EVA_PRESETS, EVA02ViT
 from slsd_cli.model.model_config import ModelConfig
+from slsd_cli.model.timm_models import eva_p14_to_p16, pretrained_eva_p16
 
 
 def create_timm_features(cfg: ModelConfig) -> nn.Module:
@@ -143,6 +146,8 @@ def load_eva_weights(vit: EVA02ViT, cfg: ModelConfig) -> None:
 
         name = (cfg.pretrained_name or preset.timm_arch).split(".")[0]
         state = _read_weights_file(cfg.weights)
+        if cfg.patch_resize == "eva":  # EVA-02's own p14 -> p16 (its *_p14to16 files pass unchanged)
+            state = eva_p14_to_p16(state, vit.patch_size)
         try:
             kwargs = vit.timm_kwargs()
             side = _pos_grid_side(state)
@@ -160,7 +165,11 @@ def load_eva_weights(vit: EVA02ViT, cfg: ModelConfig) -> None:
     if native is not None:  # keep the weights' own position grid; load_timm_state resamples it (plain bicubic)
         kwargs["img_size"] = native
     try:
-        model = timm.create_model(name, pretrained=True, **kwargs)
+        if cfg.patch_resize == "eva":  # the weights at their own patch 14, then EVA-02's p14 -> p16
+            state, prefix_tokens = pretrained_eva_p16(name, **vit.timm_kwargs())
+        else:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+            state, prefix_tokens = model.state_dict(), getattr(model, "num_prefix_tokens", 1)
     except Exception as exc:
         raise _weights_error(cfg, exc, name) from exc
-    vit.load_timm_state(model.state_dict(), getattr(model, "num_prefix_tokens", 1), source=name)
+    vit.load_timm_state(state, prefix_tokens, source=name)

@@ -17,6 +17,9 @@ Backbones
 Weights: `pretrained: true` loads timm's weights for `pretrained_name` (default: the preset's MIM
 weights, e.g. `eva02_large_patch14_224.mim_m38m`; needs internet), `weights: PATH` loads a local
 safetensors / .pth file (loaded with weights_only=True) and has priority over `pretrained`.
+EVA-02 weights with a 14-pixel patch go to our patch 16 as `patch_resize` says: `eva` (default)
+as EVA-02 made its released `*_p14to16` MIM files, which its detectors and the paper start from;
+`timm` as timm resizes (docs/lvis_reproduction.md gives the difference).
 `init_from: RUN` starts the whole detector from a saved one (a teacher run, or `slsd convert`'s
 output for the released EVA-02 LVIS detectors); its categories and tensors must match.
 """
@@ -41,6 +44,7 @@ class ModelConfig:
     pretrained: bool = False
     pretrained_name: Optional[str] = None     # timm name[.tag] of the weights; None = preset default
     weights: Optional[str] = None             # local weights file for the backbone
+    patch_resize: Literal["eva", "timm"] = "eva"  # patch-14 EVA weights -> 16: EVA-02's p14to16, or timm's PI-resize
     init_from: Optional[str] = None           # a detector run (e.g. from `slsd convert`) whose weights start training
     image_size: int = ranged(1024, "[32, 16384]")                   # nominal (square) input size: sets the ViT pos-embed grid
     patch_size: int = ranged(16, "[1, 1024]")
@@ -113,7 +117,7 @@ class ModelConfig:
 
 
 # Where a detector's starting weights come from: not part of the network a saved model.json describes.
-WEIGHT_SOURCE_KEYS = ("pretrained", "pretrained_name", "weights", "init_from")
+WEIGHT_SOURCE_KEYS = ("pretrained", "pretrained_name", "weights", "patch_resize", "init_from")
 # What shapes only training (regularisation, matching, sampling, loss) or the post-processing of
 # detections (proposal / detection NMS, top-k, score threshold), never the network's tensors, its
 # input normalisation or its features: a distillation student may set these differently from the

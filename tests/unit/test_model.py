@@ -143,14 +143,15 @@ def test_rope_matches_timm_eva_rope():
 
 def test_backbone_weights_from_local_timm_file(tmp_path):
     """A timm EVA-02 checkpoint (patch 14) loads into our patch-16 ViT: blocks copied, patch kernel
-    resampled 14 -> 16, position embedding resampled to our grid without the class token."""
+    resampled 14 -> 16 (timm's route, model.patch_resize=timm; EVA-02's own route is tested in
+    test_convert_eva_weights.py), position embedding resampled to our grid without the class token."""
     import timm
     from safetensors.torch import save_file
 
     src = timm.create_model("eva02_tiny_patch14_224", embed_dim=64, depth=2, num_heads=2, num_classes=0)
     path = tmp_path / "eva.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
-    cfg = tiny_eva_config(vit_depth=2, global_blocks=[1], weights=str(path))
+    cfg = tiny_eva_config(vit_depth=2, global_blocks=[1], weights=str(path), patch_resize="timm")
     backbone = build_backbone(cfg)
     vit = backbone.trunk
     assert torch.equal(vit.blocks[1].mlp.fc2.weight, src.blocks[1].mlp.fc2.weight)

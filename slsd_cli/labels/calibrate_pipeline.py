@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from slsd_cli.errors import InputError
 from slsd_cli.io import check_output
 from slsd_cli.labels.calibration import calibrate_detections, write_calibration
+from slsd_cli.labels.delta_estimate import DEFAULT_ESTIMATOR, DEFAULT_K, DEFAULT_SUPPORT, DeltaEstimator
 from slsd_cli.data.results import Detections, from_records
 
 if TYPE_CHECKING:
@@ -39,6 +40,9 @@ class CalibrateConfig:
     image_size: int | None = None
     batch_size: int = 2
     amp: str = "auto"
+    estimator: str = DEFAULT_ESTIMATOR  # Δ per class: shrink (toward its r/c/f group) | raw (Eq. 4 as measured)
+    shrink_k: float = DEFAULT_K
+    shrink_support: str = DEFAULT_SUPPORT
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -55,6 +59,11 @@ class CalibrateConfig:
             raise InputError(f"--model must be student or teacher, got {self.model!r}")
         if self.iou_type not in ("bbox", "segm"):
             raise InputError(f"--iou-type must be bbox or segm, got {self.iou_type!r}")
+        self.delta_estimator()
+
+    def delta_estimator(self) -> DeltaEstimator:
+        """The estimator of per-class Δ (an InputError names a bad option)."""
+        return DeltaEstimator(self.estimator, self.shrink_k, self.shrink_support)
 
 
 def run_calibrate(cfg: CalibrateConfig) -> dict | None:
@@ -84,7 +93,8 @@ def run_calibrate(cfg: CalibrateConfig) -> dict | None:
     read = time.perf_counter()
     if len(dets) == 0:
         warn("no detections: every class gets Delta = 0 and ECE = 0 (an all-zero calibration)")
-    result = calibrate_detections(dets, ann, bins=cfg.bins, iou=cfg.iou, iou_type=cfg.iou_type)
+    result = calibrate_detections(dets, ann, bins=cfg.bins, iou=cfg.iou, iou_type=cfg.iou_type,
+                                  estimator=cfg.delta_estimator())
     result = {**result, "annotations": str(cfg.annotations), "source": source}
     write_calibration(cfg.out, result, force=cfg.force)
     return {"calibration": result, "annotations_s": loaded - started, "detections_s": read - loaded,

@@ -13,6 +13,11 @@ ground truth of highest IoU (equal IoUs: the later one, as pycocotools). Negativ
 over-confident. Classes with no judged detection get Delta = 0. ECE is the same weighted sum with
 |acc - conf| over the bins of all judged detections pooled.
 
+Which Δ Eq. 5 reads (`delta` in the file): Eq. 4's value (`raw_delta`) passed through an estimator
+(`labels.delta_estimate`): by default shrunk toward its frequency group's Δ in proportion to the
+class's ground-truth instances in the calibration data, and the group's Δ for a class with none
+(`status` unknown), so a class absent from the split is not "over-confident by its mean score".
+
 Which detections are judged (the evaluation protocol's own rule):
 - LVIS protocol (`Annotations.protocol == "lvis"`): only detections on images where their class is
   verified (a ground truth of it on the image, or listed in the image's `neg_category_ids`); in
@@ -23,8 +28,12 @@ Which detections are judged (the evaluation protocol's own rule):
 Every detection that is not judged is counted in the output ("unverified", "ignored").
 
 Input: `slsd_cli.data.results.Detections` (read and validated by `results.read_results`, the one reader
-of results files). Output: the calibration.json dict (`calibrate_detections`); in its `groups`
-(r/c/f), a group with no judged detection has `mean_delta` and `ece` null (undefined, not 0).
+of results files). Output: the calibration.json dict (`calibrate_detections`). Per class: `delta`
+(the estimate), `raw_delta` (Eq. 4), `status`, `weight` (the share of its own Δ in `delta`), its
+support (`count` judged detections, `correct`, `instances` of ground truth) and `bins`. Per r/c/f
+group: `mean_delta` (mean `delta` over the classes whose Δ is not unknown), `mean_raw_delta` (mean
+Eq. 4 Δ over the classes with judged detections), `prior` (the group's pooled Δ), the classes per
+status, `ece`; an undefined mean or ECE is null, not 0.
 
 `slsd calibrate` as one library call (options checked in one place, a file or a detector run):
 `slsd_cli.labels.calibrate_pipeline.run_calibrate`.
@@ -32,6 +41,7 @@ of results files). Output: the calibration.json dict (`calibrate_detections`); i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
 
@@ -41,6 +51,8 @@ from slsd_cli.evaluation import matching
 from slsd_cli.errors import InputError
 from slsd_cli.io import atomic_write_json, check_output, read_json
 from slsd_cli.data.results import Detections, from_records
+from slsd_cli.labels.delta_estimate import (ESTIMATED, FREQUENCY_GROUPS, SHRUNK, UNKNOWN, ClassSupport,
+                                            DeltaEstimate, DeltaEstimator, estimate_delta)
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +61,6 @@ if TYPE_CHECKING:
 
 IouType = Literal["bbox", "segm"]
 FORMAT = "slsd-calibration-v1"
-FREQUENCY_GROUPS = ("r", "c", "f")
 
 
 # ------------------------------------------------------------------ Eq. 4
@@ -83,19 +94,22 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ judging the detections
 
 
-def calibrate_detections(dets: Detections, annotations: "Annotations", bins: int = 10, iou: float = 0.5,
-                         iou_type: IouType = "bbox") -> dict:
-    """The content of calibration.json for validated detections (see the module docstring)."""
-    if iou_type not in ("bbox", "segm"):
-        raise InputError(f"iou type must be 'bbox' or 'segm', got {iou_type!r}")
-    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
-        raise InputError(f"bins must be a positive integer, got {bins}")
-    bins = int(bins)
-    if not 0.0 < iou <= 1.0:
-        raise InputError(f"iou must lie in (0, 1], got {iou}")
+@dataclass
+class Judged:
+    """The judged detections of a calibration split (arrays [M]) and what was not judged."""
+
+    labels: np.ndarray       # contiguous class index
+    image_index: np.ndarray  # index into the annotations' sorted image ids
+    scores: np.ndarray
+    correct: np.ndarray      # bool: matched to a regular ground truth of its class
+    totals: dict             # detections, judged, correct, unverified, ignored
+
+
+def judge_detections(dets: Detections, gt: matching.GroundTruth, iou: float = 0.5,
+                     iou_type: IouType = "bbox") -> Judged:
+    """Match the detections to `gt` at `iou` and keep those the protocol judges (module docstring)."""
     dets.require(iou_type)
-    gt = matching.ground_truth(annotations, annotations.protocol)
-    space = len(annotations.images) * gt.num_classes
+    space = gt.image_ids.size * gt.num_classes
     key = dets.image_index * gt.num_classes + dets.labels
     n = len(dets)
 
@@ -116,32 +130,77 @@ def calibrate_detections(dets: Detections, annotations: "Annotations", bins: int
     else:
         verified = np.ones(n, dtype=bool)
     judged = verified & ~ignored
-
-    labels = dets.labels[judged]
-    scores = dets.scores[judged]
     correct = matched[judged]
-    cell = labels * bins + np.clip(np.floor(scores * bins).astype(np.int64), 0, bins - 1)
-    size = gt.num_classes * bins
-    count = np.bincount(cell, minlength=size).reshape(gt.num_classes, bins)
-    correct_sum = np.bincount(cell, weights=correct, minlength=size).reshape(gt.num_classes, bins)
-    conf_sum = np.bincount(cell, weights=scores, minlength=size).reshape(gt.num_classes, bins)
-    return _summarise(count, correct_sum, conf_sum, annotations, bins, iou, iou_type, {
+    return Judged(dets.labels[judged], dets.image_index[judged], dets.scores[judged], correct, {
         "detections": n, "judged": int(judged.sum()), "correct": int(correct.sum()),
         "unverified": int((~verified).sum()), "ignored": int((verified & ignored).sum()),
     })
 
 
-def _summarise(count: np.ndarray, correct_sum: np.ndarray, conf_sum: np.ndarray, annotations: "Annotations",
-               bins: int, iou: float, iou_type: str, totals: dict) -> dict:
+def class_support(judged: Judged, gt: matching.GroundTruth, image_weights: np.ndarray | None = None) -> ClassSupport:
+    """Per-class support of a judged split; `image_weights` [I] (e.g. bootstrap multiplicities) weighs
+    each image's detections and instances (default 1)."""
+    c = gt.num_classes
+    regular = ~gt.ignore
+    gt_labels, gt_images = gt.key[regular] % c, gt.key[regular] // c
+    w_det = None if image_weights is None else image_weights[judged.image_index]
+    w_gt = None if image_weights is None else image_weights[gt_images]
+    return ClassSupport(
+        detections=np.bincount(judged.labels, weights=w_det, minlength=c).astype(np.float64),
+        correct=np.bincount(judged.labels, weights=judged.correct if w_det is None else judged.correct * w_det,
+                            minlength=c).astype(np.float64),
+        score_sum=np.bincount(judged.labels, weights=judged.scores if w_det is None else judged.scores * w_det,
+                              minlength=c),
+        instances=np.bincount(gt_labels, weights=w_gt, minlength=c).astype(np.float64))
+
+
+def _check_options(bins: int, iou: float, iou_type: str) -> int:
+    if iou_type not in ("bbox", "segm"):
+        raise InputError(f"iou type must be 'bbox' or 'segm', got {iou_type!r}")
+    if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
+        raise InputError(f"bins must be a positive integer, got {bins}")
+    if not 0.0 < iou <= 1.0:
+        raise InputError(f"iou must lie in (0, 1], got {iou}")
+    return int(bins)
+
+
+def calibrate_detections(dets: Detections, annotations: "Annotations", bins: int = 10, iou: float = 0.5,
+                         iou_type: IouType = "bbox", estimator: DeltaEstimator | None = None) -> dict:
+    """The content of calibration.json for validated detections (see the module docstring);
+    `estimator` default: `DeltaEstimator()` (shrink on instances, k = DEFAULT_K)."""
+    bins = _check_options(bins, iou, iou_type)
+    estimator = DeltaEstimator() if estimator is None else estimator
+    dets.require(iou_type)
+    gt = matching.ground_truth(annotations, annotations.protocol)
+    judged = judge_detections(dets, gt, iou, iou_type)
+    cell = judged.labels * bins + np.clip(np.floor(judged.scores * bins).astype(np.int64), 0, bins - 1)
+    size = gt.num_classes * bins
+    count = np.bincount(cell, minlength=size).reshape(gt.num_classes, bins)
+    correct_sum = np.bincount(cell, weights=judged.correct, minlength=size).reshape(gt.num_classes, bins)
+    conf_sum = np.bincount(cell, weights=judged.scores, minlength=size).reshape(gt.num_classes, bins)
+    raw = ccece(count, correct_sum, conf_sum)
+    support = class_support(judged, gt)
+    estimate = estimate_delta(support, annotations.frequencies(), estimator, raw=raw)
+    return _summarise(count, correct_sum, conf_sum, raw, support, estimate, annotations, bins, iou, iou_type,
+                      {**judged.totals, "estimator": estimator.describe()})
+
+
+def _summarise(count: np.ndarray, correct_sum: np.ndarray, conf_sum: np.ndarray, raw: np.ndarray,
+               support: ClassSupport, estimate: DeltaEstimate, annotations: "Annotations", bins: int, iou: float,
+               iou_type: str, totals: dict) -> dict:
     acc = _safe_div(correct_sum, count)
     conf = _safe_div(conf_sum, count)
     per_class_n = count.sum(axis=1)
-    delta = ccece(count, correct_sum, conf_sum)
     per_class = {}
     for c, cid in enumerate(annotations.category_ids):
         per_class[str(cid)] = {
-            "delta": float(delta[c]),
+            "delta": float(estimate.delta[c]),
+            "raw_delta": float(raw[c]),
+            "status": estimate.status[c],
+            "weight": float(estimate.weight[c]),
             "count": int(per_class_n[c]),
+            "correct": int(support.correct[c]),
+            "instances": int(support.instances[c]),
             "bins": [{"count": int(count[c, b]), "accuracy": float(acc[c, b]), "confidence": float(conf[c, b])}
                      for b in range(bins)],
         }
@@ -150,16 +209,22 @@ def _summarise(count: np.ndarray, correct_sum: np.ndarray, conf_sum: np.ndarray,
                     "accuracy": float(_safe_div(pooled[1], pooled[0])[b]),
                     "confidence": float(_safe_div(pooled[2], pooled[0])[b])} for b in range(bins)]
     frequencies = np.array(annotations.frequencies())
+    status = np.array(estimate.status)
     groups = {}
     for name in FREQUENCY_GROUPS:
         members = frequencies == name
         with_dets = members & (per_class_n > 0)
+        known = members & (status != UNKNOWN)
         judged = bool(with_dets.any())  # else the group has no mean Δ and no ECE: null, not 0
         groups[name] = {
             "classes": int(members.sum()),
             "classes_with_detections": int(with_dets.sum()),
+            "classes_with_instances": int((members & (support.instances > 0)).sum()),
+            **{kind: int((members & (status == kind)).sum()) for kind in (ESTIMATED, SHRUNK, UNKNOWN)},
             "count": int(per_class_n[members].sum()),
-            "mean_delta": float(delta[with_dets].mean()) if judged else None,
+            "mean_delta": float(estimate.delta[known].mean()) if known.any() else None,
+            "mean_raw_delta": float(raw[with_dets].mean()) if judged else None,
+            "prior": estimate.priors.get(name),
             "ece": ece(count[members].sum(axis=0), correct_sum[members].sum(axis=0), conf_sum[members].sum(axis=0))
             if judged else None,
         }
@@ -178,11 +243,12 @@ def _summarise(count: np.ndarray, correct_sum: np.ndarray, conf_sum: np.ndarray,
 
 
 def compute_calibration(results: list[dict], annotations: "Annotations", bins: int = 10, iou: float = 0.5,
-                        iou_type: IouType = "bbox", path: str | Path = "<detections>") -> dict:
+                        iou_type: IouType = "bbox", path: str | Path = "<detections>",
+                        estimator: DeltaEstimator | None = None) -> dict:
     """calibration.json content for a parsed results list (LVIS/COCO results format, validated by
     `results.from_records`). An empty list gives the all-zero result (Delta = 0, ECE = 0)."""
     dets = from_records(results, annotations, path, masks=iou_type == "segm")
-    return calibrate_detections(dets, annotations, bins, iou, iou_type)
+    return calibrate_detections(dets, annotations, bins, iou, iou_type, estimator)
 
 
 def write_calibration(path: str | Path, result: dict, force: bool = False) -> Path:

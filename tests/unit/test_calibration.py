@@ -14,7 +14,9 @@ from pycocotools import mask as mask_utils
 from slsd_cli.data.lvis import load_annotations
 from slsd_cli.errors import InputError
 from slsd_cli.labels import calibration
+from slsd_cli.evaluation import matching
 from slsd_cli.labels.calibration import compute_calibration, load_delta
+from slsd_cli.labels.delta_estimate import ClassSupport, DeltaEstimator, estimate_delta
 from slsd_cli.data.results import from_records, read_results
 from slsd_cli.data.results_parser import box_columns
 from tests.helpers.cli import run_cli
@@ -163,7 +165,7 @@ def assert_matches_reference(result, ref):
     for cid, expected in per_class.items():
         got = result["per_class"][cid]
         assert got["count"] == expected["count"], cid
-        assert got["delta"] == pytest.approx(expected["delta"], abs=1e-12), cid
+        assert got["raw_delta"] == pytest.approx(expected["delta"], abs=1e-12), cid
         for b, (count, correct, conf) in enumerate(expected["cells"]):
             cell = got["bins"][b]
             assert cell["count"] == count
@@ -215,12 +217,16 @@ def test_overconfident_class_has_negative_delta(tmp_path):
     dets += [{"image_id": 1, "category_id": 1, "bbox": [40 + 5 * k, 8, 4, 4], "score": 0.9} for k in range(4)]
     result = compute_calibration(dets, ann)
     entry = result["per_class"]["1"]
-    assert entry["count"] == 10
-    assert entry["delta"] == pytest.approx(-0.3)
+    assert entry["count"] == 10 and entry["correct"] == 6 and entry["instances"] == 6
+    assert entry["raw_delta"] == pytest.approx(-0.3)
+    # the only class with instances: its group's pooled Δ is its own, so shrinking keeps it
+    assert entry["delta"] == pytest.approx(-0.3) and entry["status"] == "shrunk"
     assert entry["bins"][9]["accuracy"] == pytest.approx(0.6) and entry["bins"][9]["confidence"] == pytest.approx(0.9)
     assert result["ece"] == pytest.approx(0.3)
-    assert result["per_class"]["2"] == {"delta": 0.0, "count": 0, "bins": [
-        {"count": 0, "accuracy": 0.0, "confidence": 0.0}] * 10}
+    # no detection, no instance: unknown, and its group has no supported class: the overall pooled Δ
+    assert result["per_class"]["2"] == {
+        "delta": pytest.approx(-0.3), "raw_delta": 0.0, "status": "unknown", "weight": 0.0, "count": 0, "correct": 0,
+        "instances": 0, "bins": [{"count": 0, "accuracy": 0.0, "confidence": 0.0}] * 10}
     assert result["groups"]["f"]["mean_delta"] == pytest.approx(-0.3)
     assert result["groups"]["r"]["classes_with_detections"] == 0
     # no judged detection in the rare group: no mean Δ and no ECE (null in the file, not 0.0)
@@ -445,3 +451,139 @@ def test_cli_runs_a_detector_checkpoint(tmp_path, capsys):
     code, err = run_cli(["calibrate", "--annotations", str(synth / "val.json"), "--checkpoint", str(tmp_path / "run"),
                          "--out", str(out), "--force"], capsys)
     assert code == 2 and "--images" in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------ Δ where it can be measured (issue 23)
+
+
+def _one_image_set(tmp_path, classes: dict[int, str], gts: dict[int, int], dets: list[tuple[int, bool, float]]):
+    """One wide image; `gts[c]` ground-truth boxes of class c in a row; `dets`: (class, on a gt of
+    its class?, score) — a detection on a gt takes the next free one, else an empty spot."""
+    boxes, anns = {}, []
+    for c, n in gts.items():
+        boxes[c] = [[2 + 8 * len(anns) + 8 * k, 2, 5, 5] for k in range(n)]
+        anns += [{"id": len(anns) + 1 + k, "image_id": 1, "category_id": c, "bbox": b, "area": 25.0,
+                  "segmentation": [[b[0], b[1], b[0] + 5, b[1], b[0] + 5, b[1] + 5, b[0], b[1] + 5]]}
+                 for k, b in enumerate(boxes[c])]
+    width = 8 * (len(anns) + len(dets)) + 8
+    data = {"images": [{"id": 1, "width": width, "height": 40, "file_name": "a.png",
+                        "neg_category_ids": [c for c in classes if not gts.get(c)], "not_exhaustive_category_ids": []}],
+            "annotations": anns, "categories": [{"id": c, "name": f"c{c}", "frequency": g} for c, g in classes.items()]}
+    taken = {c: 0 for c in classes}
+    records = []
+    for j, (c, on_gt, score) in enumerate(dets):
+        if on_gt:
+            box = boxes[c][taken[c]]
+            taken[c] += 1
+        else:
+            box = [2 + 8 * j, 20, 5, 5]  # below the row of objects: matches nothing
+        records.append({"image_id": 1, "category_id": c, "bbox": box, "score": score})
+    return annotations_of(data, tmp_path), records
+
+
+def test_class_without_positive_is_not_over_confident_by_default(tmp_path):
+    """Acceptance (issue 23): a class with detections but no ground truth in the calibration data has
+    Eq. 4 Δ = -(mean score); the default estimator reports it unknown, with its group's Δ."""
+    classes = {1: "f", 2: "r", 3: "r"}
+    dets = [(1, True, 0.5), (1, True, 0.5), (1, False, 0.5), (1, False, 0.5)]   # f: precision 0.5 at 0.5
+    dets += [(2, True, 0.5), (2, False, 0.5)]                                     # r: calibrated, 1 instance
+    dets += [(3, False, 0.6)] * 5                                                 # r: no instance at all
+    ann, records = _one_image_set(tmp_path, classes, {1: 2, 2: 1}, dets)
+    result = compute_calibration(records, ann)
+    absent = result["per_class"]["3"]
+    assert absent["raw_delta"] == pytest.approx(-0.6) and absent["count"] == 5 and absent["instances"] == 0
+    assert absent["status"] == "unknown" and absent["weight"] == 0.0
+    assert absent["delta"] == pytest.approx(0.0) == result["groups"]["r"]["prior"]  # class 2's Δ, not -0.6
+    assert result["groups"]["r"]["mean_delta"] == pytest.approx(0.0)  # over its supported class only
+    assert result["groups"]["r"]["mean_raw_delta"] == pytest.approx(-0.3)
+    assert result["groups"]["r"]["unknown"] == 1 and result["groups"]["r"]["shrunk"] == 1
+    # the literal reading, kept as an option, is what the default avoids
+    raw = compute_calibration(records, ann, estimator=DeltaEstimator("raw"))
+    assert raw["per_class"]["3"]["delta"] == pytest.approx(-0.6) and raw["estimator"] == {"name": "raw"}
+    # alone in the data: no class has support, nothing is known, Δ = 0
+    only, records = _one_image_set(tmp_path, {3: "r", 4: "f"}, {4: 1}, [(3, False, 0.7)] * 3)
+    assert compute_calibration(records, only)["per_class"]["3"]["delta"] == 0.0
+
+
+def test_under_confident_rare_class_gets_positive_delta(tmp_path):
+    """Acceptance (issue 23): a rare class scored below its precision has Δ̂ > 0 by default, even
+    next to an over-confident rare class; Δ̂ lies between its own Δ and its group's."""
+    classes = {1: "f", 2: "r", 3: "r"}
+    dets = [(1, True, 0.9)] * 3 + [(1, False, 0.9)] * 3       # f: over-confident, Δ = 0.5 - 0.9
+    dets += [(2, True, 0.3)] * 4 + [(2, False, 0.2)]          # r: precision 0.8 at mean score 0.28
+    dets += [(3, True, 0.9), (3, False, 0.9)]                 # r: over-confident, 1 instance
+    ann, records = _one_image_set(tmp_path, classes, {1: 3, 2: 4, 3: 1}, dets)
+    result = compute_calibration(records, ann)
+    under = result["per_class"]["2"]
+    assert under["raw_delta"] == pytest.approx(0.8 - 0.28)
+    prior = result["groups"]["r"]["prior"]
+    assert prior == pytest.approx((4 * 0.52 + 1 * (0.5 - 0.9)) / 5)
+    k = result["estimator"]["k"]
+    assert under["delta"] == pytest.approx((4 * 0.52 + k * prior) / (4 + k))
+    assert under["delta"] > 0 and prior < under["delta"] < under["raw_delta"]
+    assert result["per_class"]["1"]["delta"] < 0  # the frequent class stays over-confident
+
+
+def test_delta_estimator_rules():
+    support = ClassSupport(detections=np.array([10.0, 4.0, 6.0, 0.0, 8.0]), correct=np.array([2.0, 4.0, 0.0, 0.0, 4.0]),
+                           score_sum=np.array([8.0, 1.0, 3.0, 0.0, 4.0]), instances=np.array([5.0, 4.0, 0.0, 3.0, 2.0]))
+    groups = ["f", "r", "r", "r", "c"]
+    raw = support.raw_delta()
+    assert raw.tolist() == pytest.approx([-0.6, 0.75, -0.5, 0.0, 0.0])
+    est = estimate_delta(support, groups, DeltaEstimator("shrink", k=2.0, support="instances"))
+    assert est.status == ["shrunk", "shrunk", "unknown", "unknown", "shrunk"]  # no instance / no detection: unknown
+    assert est.support.tolist() == [5.0, 4.0, 0.0, 0.0, 2.0]
+    assert est.priors == {"r": pytest.approx(0.75), "c": pytest.approx(0.0), "f": pytest.approx(-0.6)}
+    assert est.delta.tolist() == pytest.approx([-0.6, 0.75, 0.75, 0.75, 0.0])  # each class alone in its group
+    est = estimate_delta(support, ["r", "r", "r", "r", "r"], DeltaEstimator("shrink", k=2.0, support="instances"))
+    prior = (5 * -0.6 + 4 * 0.75 + 2 * 0.0) / 11
+    assert est.delta.tolist() == pytest.approx([(5 * -0.6 + 2 * prior) / 7, (4 * 0.75 + 2 * prior) / 6, prior, prior,
+                                                (2 * prior) / 4])
+    assert est.weight.tolist() == pytest.approx([5 / 7, 4 / 6, 0, 0, 2 / 4])
+    by_dets = estimate_delta(support, ["r"] * 5, DeltaEstimator("shrink", k=2.0, support="detections"))
+    assert by_dets.support.tolist() == [10.0, 4.0, 0.0, 0.0, 8.0]  # detections, but still 0 without instances
+    keep = estimate_delta(support, ["r"] * 5, DeltaEstimator("shrink", k=0.0))
+    assert keep.status[:2] == ["estimated", "estimated"] and keep.delta[:2].tolist() == pytest.approx([-0.6, 0.75])
+    literal = estimate_delta(support, groups, DeltaEstimator("raw"))
+    assert literal.delta.tolist() == pytest.approx(raw.tolist()) and literal.status[3] == "unknown"
+    for bad in (dict(name="mean"), dict(k=-1.0), dict(k=float("inf")), dict(support="images")):
+        with pytest.raises(InputError):
+            DeltaEstimator(**bad)
+
+
+def test_class_support_weighs_images(tmp_path):
+    data, dets = make_dataset(7, "lvis")
+    ann = annotations_of(data, tmp_path)
+    gt = matching.ground_truth(ann, ann.protocol)
+    judged = calibration.judge_detections(from_records(dets, ann), gt)
+    plain = calibration.class_support(judged, gt)
+    ones = calibration.class_support(judged, gt, np.ones(len(ann.images)))
+    assert all(np.array_equal(getattr(plain, f), getattr(ones, f)) for f in ("detections", "correct", "instances"))
+    weights = np.zeros(len(ann.images))
+    weights[0] = 2.0
+    first = calibration.class_support(judged, gt, weights)
+    image0 = judged.image_index == 0
+    assert first.detections.sum() == 2 * image0.sum() and first.correct.sum() == 2 * judged.correct[image0].sum()
+    assert first.instances.sum() == 2 * len(ann.anns_by_image.get(ann.image_ids[0], []))
+    result = compute_calibration(dets, ann)
+    assert [v["instances"] for v in result["per_class"].values()] == plain.instances.tolist()
+    assert plain.raw_delta() == pytest.approx([v["raw_delta"] for v in result["per_class"].values()], abs=1e-12)
+
+
+def test_cli_estimator_options(tmp_path, capsys):
+    data, dets = make_dataset(4, "lvis")
+    ann_path, det_path, out = tmp_path / "ann.json", tmp_path / "dets.json", tmp_path / "cal.json"
+    ann_path.write_text(json.dumps(data))
+    det_path.write_text(json.dumps(dets))
+    base = ["calibrate", "--annotations", str(ann_path), "--detections", str(det_path), "--out", str(out), "--force"]
+    code, err = run_cli(base + ["--estimator", "raw"], capsys)
+    assert code == 0 and "raw Eq. 4" in " ".join(err.split())  # (stderr lines wrap)
+    written = json.loads(out.read_text())
+    assert all(v["delta"] == v["raw_delta"] for v in written["per_class"].values())
+    code, err = run_cli(base + ["--shrink-k", "3", "--shrink-support", "detections"], capsys)
+    assert code == 0 and "shrink k=3 on detections" in " ".join(err.split())
+    assert json.loads(out.read_text())["estimator"] == {"name": "shrink", "k": 3.0, "support": "detections"}
+    for bad, needle in ((["--estimator", "mean"], "--estimator"), (["--shrink-support", "images"], "--shrink-support"),
+                        (["--shrink-k", "-1"], "--shrink-k")):
+        code, err = run_cli(base + bad, capsys)
+        assert code == 2 and needle in err and "Traceback" not in err, err

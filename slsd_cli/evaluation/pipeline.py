@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slsd_cli.errors import InputError
-from slsd_cli.inference.predictor import check_test_options, test_options
+from slsd_cli.model.model_config import check_inference_options, inference_options
 from slsd_cli.io import FileSet, atomic_write_json, check_output
 from slsd_cli.progress import info, warn
 
@@ -85,12 +85,12 @@ class EvalConfig:
         if self.test_options and self.checkpoint is None:
             raise InputError("--soft-nms, --soft-nms-iou, --soft-nms-sigma and --maskness post-process a "
                              "--checkpoint's detections; a --detections file is scored as it is")
-        check_test_options(self.test_options)
+        check_inference_options(self.test_options)
 
     @property
     def test_options(self) -> dict[str, Any]:
         """The model test keys set for this run (`Predictor`'s `test_options`)."""
-        return test_options(self.soft_nms, self.soft_nms_iou, self.soft_nms_sigma, self.maskness)
+        return inference_options(self.soft_nms, self.soft_nms_iou, self.soft_nms_sigma, self.maskness)
 
     @property
     def iou_types(self) -> tuple[str, ...] | None:

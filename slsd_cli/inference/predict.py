@@ -21,7 +21,8 @@ from slsd_cli import distributed
 from slsd_cli.data.lvis import Annotations
 from slsd_cli.errors import InputError
 from slsd_cli.inference.image_sources import collect_images
-from slsd_cli.inference.predictor import Predictor, check_test_options, test_options
+from slsd_cli.inference.predictor import Predictor
+from slsd_cli.model.model_config import check_inference_options, inference_options
 from slsd_cli.inference.sharded import predict_to_results
 from slsd_cli.io import FileSet, atomic_path, atomic_write_json
 from slsd_cli.progress import info
@@ -126,19 +127,19 @@ class PredictConfig:
 
     @property
     def test_options(self) -> dict[str, Any]:
-        return test_options(self.soft_nms, self.soft_nms_iou, self.soft_nms_sigma, self.maskness)
+        return inference_options(self.soft_nms, self.soft_nms_iou, self.soft_nms_sigma, self.maskness)
 
     def validate(self) -> None:
         """Every option and output location, before anything is read or written."""
         if not self.images:
             raise InputError("give at least one image folder, glob, image file or image-list json")
         if self.score is not None and not 0.0 <= self.score <= 1.0:
-            raise InputError(f"--score must be in [0, 1], got {self.score}")
+            raise InputError(f"--score-threshold must be in [0, 1], got {self.score}")
         if not 0.0 <= self.render_score <= 1.0:
-            raise InputError(f"--render-score must be in [0, 1], got {self.render_score}")
+            raise InputError(f"--render-score-threshold must be in [0, 1], got {self.render_score}")
         if self.max_dets < 1 or self.batch_size < 1 or self.workers < 0:
             raise InputError("--max-dets and --batch-size must be >= 1, --workers >= 0")
-        check_test_options(self.test_options)
+        check_inference_options(self.test_options)
         for path in (self.out, images_index_path(self.out)):
             if Path(path).is_dir():
                 raise InputError("--out must name a results file, and this is a folder", path=path)

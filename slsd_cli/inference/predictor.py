@@ -170,24 +170,6 @@ class Predictor:
         return self.canvas if self.model.backbone.square_canvas else None
 
 
-def test_options(soft_nms: str | None = None, soft_nms_iou: float | None = None, soft_nms_sigma: float | None = None,
-                 maskness: float | None = None) -> dict[str, Any]:
-    """The model test keys that `--soft-nms`, `--soft-nms-iou`, `--soft-nms-sigma` and `--maskness`
-    set for one run of eval / predict (only those given)."""
-    given = {"test_soft_nms": soft_nms, "test_soft_nms_iou": soft_nms_iou, "test_soft_nms_sigma": soft_nms_sigma,
-             "test_maskness": maskness}
-    return {key: value for key, value in given.items() if value is not None}
-
-
-def check_test_options(options: dict[str, Any]) -> None:
-    """Type and range of each test option, as a recipe's model keys are checked (one-line error)."""
-    if options:
-        from slsd_cli.model.model_config import ModelConfig
-        from slsd_cli.typed_yaml import apply_flags
-
-        apply_flags(ModelConfig(), options)
-
-
 def load_predictor(run: str | Path, kind: str = "student", device: str | torch.device | None = None,
                    image_size: int | None = None, amp: str = "auto", test_options: dict[str, Any] | None = None):
     """A `Predictor` for a run's student (default) or teacher."""

@@ -29,9 +29,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from slsd_cli.typed_yaml import from_dict, ranged, read_mapping
+from slsd_cli.typed_yaml import apply_flags, from_dict, ranged, read_mapping
 
 # The tiny CPU detector is defined once, in the packaged recipe (model/ -> ../recipes/).
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "synthetic_tiny.yaml"
@@ -127,6 +127,21 @@ NON_NETWORK_KEYS = ("drop_path", "grad_checkpointing", "rpn_iou_thresholds", "rp
                     "positive_fraction", "cascade_ious", "use_federated", "federated_num_classes", "federated_power",
                     "rpn_nms", "rpn_pre_nms_topk_test", "rpn_post_nms_topk_test", "test_score_threshold", "test_nms",
                     "max_detections", "test_soft_nms", "test_soft_nms_iou", "test_soft_nms_sigma", "test_maskness")
+
+
+def inference_options(soft_nms: str | None = None, soft_nms_iou: float | None = None,
+                      soft_nms_sigma: float | None = None, maskness: float | None = None) -> dict[str, Any]:
+    """The model test keys that `--soft-nms`, `--soft-nms-iou`, `--soft-nms-sigma` and `--maskness`
+    set for one run of eval / predict (only those given)."""
+    given = {"test_soft_nms": soft_nms, "test_soft_nms_iou": soft_nms_iou, "test_soft_nms_sigma": soft_nms_sigma,
+             "test_maskness": maskness}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def check_inference_options(options: dict[str, Any]) -> None:
+    """Type and range of each test option, as a recipe's model keys are checked (one-line error)."""
+    if options:
+        apply_flags(ModelConfig(), options)
 
 
 def tiny_cnn_config(**overrides) -> ModelConfig:

@@ -142,13 +142,13 @@ def test_select_detections_hard_and_soft():
 
 def test_test_options_are_checked_like_recipe_keys():
     from slsd_cli.evaluation.pipeline import EvalConfig
-    from slsd_cli.inference.predictor import check_test_options, test_options
+    from slsd_cli.model.model_config import check_inference_options, inference_options
 
-    assert test_options("linear", 0.6, None, 0.5) == {"test_soft_nms": "linear", "test_soft_nms_iou": 0.6,
+    assert inference_options("linear", 0.6, None, 0.5) == {"test_soft_nms": "linear", "test_soft_nms_iou": 0.6,
                                                       "test_maskness": 0.5}
     with pytest.raises(InputError, match="test_soft_nms must be one of none, linear, gaussian"):
-        check_test_options(test_options("hard"))
+        check_inference_options(inference_options("hard"))
     with pytest.raises(InputError, match=r"test_maskness must lie in \[0, 1\)"):
-        check_test_options(test_options(maskness=1.5))
+        check_inference_options(inference_options(maskness=1.5))
     with pytest.raises(InputError, match="a --detections file is scored as it is"):
         EvalConfig(annotations="a.json", out_dir="o", detections="d.json", soft_nms="linear")

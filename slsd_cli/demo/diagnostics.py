@@ -38,10 +38,10 @@ def correction_effect(metrics_path: str | Path) -> dict[str, float] | None:
     correction ('mass_{g}_before'), moved into and out of the group ('mass_{g}_in', 'mass_{g}_out')
     and after ('mass_{g}_after'); per r/c/f group of the detected class, the mean target of the
     detected class before and after ('top_{g}_before', 'top_{g}_after'; NaN without such a label)
-    and its pseudo-labels per image ('pl_{g}'). None for a run that logged none of it."""
+    and its pseudo-labels per image ('pl_{g}'); masses are NaN when no pseudo-label was given. None
+    for a run that logged none of it."""
     records = [r for r in read_jsonl(metrics_path) if "pl_mass_r_before" in r]
-    weights = [float(r.get("pl_per_image", 0.0)) for r in records]
-    if not records or sum(weights) <= 0:
+    if not records:
         return None
 
     def mean(key: str, weight_key: str = "pl_per_image") -> float:

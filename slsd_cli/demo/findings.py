@@ -88,9 +88,9 @@ def drift_lines(before: Sequence[Mapping[str, float]], after: Sequence[Mapping[s
     if not before or not after:
         return []
 
-    def cell(rows: Sequence[Mapping[str, float]], key: str) -> str:
-        mean, std, n = mean_std([r[key] for r in rows])
-        return _num(mean, signed=True) + ("" if n < 2 or std != std else f" ± {std:.3f}")
+    def cell(rows: Sequence[Mapping[str, float]], key: str, scale: float = 1.0, digits: int = 3) -> str:
+        mean, std, n = mean_std([scale * r[key] for r in rows])
+        return _num(mean, digits, signed=scale == 1.0) + ("" if n < 2 or std != std else f" ± {std:.{digits}f}")
 
     shifts = [abs(mean_std([a[f"delta_{g}"] - b[f"delta_{g}"] for a, b in zip(after, before)])[0]) for g in GROUPS]
     largest = max((s for s in shifts if not math.isnan(s)), default=math.nan)
@@ -100,7 +100,8 @@ def drift_lines(before: Sequence[Mapping[str, float]], after: Sequence[Mapping[s
                "large against the group means themselves: the Δ measured once no longer describes the teacher "
                "that labels at the end (periodic re-calibration would be worth building)")
     return [f"- **Δ drift** (the teacher calibrated before distillation, and the EMA teacher at its end — "
-            f"`RUN/teacher/` — on the same split, {split}): mean Δ "
+            f"`RUN/teacher/` — on the same split, `{split}`): mean Δ "
             + "; ".join(f"{GROUP_NAMES[g]} {cell(before, f'delta_{g}')} → {cell(after, f'delta_{g}')}" for g in GROUPS)
-            + f"; ECE {cell(before, 'ece')} → {cell(after, 'ece')}. The largest shift of a group mean, "
+            + f"; ECE {cell(before, 'ece', 100.0, 1)}% → {cell(after, 'ece', 100.0, 1)}%. The largest shift of a "
+              f"group mean, "
               f"{_num(largest)}, is {verdict}."]

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from slsd_cli.data.synthetic import CALIB_FILE
 from slsd_cli.demo.runner import Runner
 from slsd_cli.demo import settings as S
 from slsd_cli.demo import table
@@ -53,7 +54,7 @@ from slsd_cli.progress import info
 # of rare queries' neighbours 4.24x chance vs 2.55x for ImageNet Lite0 and 2.44x for a random ResNet-18).
 PROTOTYPE_ARGS = ["--backbone", "efficientnet_lite0", "--mask-weighted", "--feature-level", "3"]
 # `slsd synth`'s calibration split (issue 23): Δ is measured there when the data has it
-CALIBRATION_FILE = "calib.json"
+CALIBRATION_FILE = CALIB_FILE
 RETRIEVE_ARGS = ["--embedder", "colorhist"]
 DEFAULT_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 PREMISE_REPLICATES = 200  # bootstrap over calibration images for the teacher's Δ per group
@@ -104,10 +105,12 @@ class Demo:
         """One folder, one dataset: refuse to mix runs of another data size into it."""
         size = self.size
         wanted = {"classes": size.classes, "train_images": size.train_images, "val_images": size.val_images,
-                  "pool_images": size.pool_images, "image_size": size.image_size}
+                  "pool_images": size.pool_images, "calib_images": size.calib_images, "image_size": size.image_size}
         record = self.out / "demo_data.json"
         if record.exists():
             have = read_json(record)
+            if "calib_images" not in have:  # data from before the calibration split: Δ on the held-out split
+                wanted.pop("calib_images")
             if have != wanted:
                 diff = ", ".join(f"{k} {have.get(k)} (asked {v})" for k, v in wanted.items() if have.get(k) != v)
                 raise InputError(f"this folder's data was generated with {diff}; use another --out-dir or the same "
@@ -120,7 +123,8 @@ class Demo:
         size, s = self.size, str
         self.runner.run("synth", ["synth", s(self.data), "--classes", s(size.classes), "--train-images",
                                   s(size.train_images), "--val-images", s(size.val_images), "--pool-images",
-                                  s(size.pool_images), "--image-size", s(size.image_size), "--seed", "0"],
+                                  s(size.pool_images), "--calib-images", s(size.calib_images), "--image-size",
+                                  s(size.image_size), "--seed", "0"],
                         self.data / "classes.json")
         partial = [f for f in fractions if f < 1]
         argv = ["split", s(self.data / "train.json"), "--holdout", "0.15", "--seed", "0", "--out-dir", s(self.split)]
@@ -578,7 +582,7 @@ def _diagnostics(demo: Demo, runs: TableRuns, teacher_label: str, student_label:
                      f"over-confident; intervals: the premise table at the top): mean CCECE Δ rare {group('delta_r')}, "
                      f"common {group('delta_c')}, frequent {group('delta_f')}; ECE {group('ece', 100.0, 1)}% (the "
                      f"paper's teacher: 22%).")
-    lines += findings.drift_lines(cal, runs.drift, demo.calibration_name)
+    lines += findings.drift_lines(cal, runs.drift, demo.calibration_json.name)
     spearman = similarity_quality(demo.prototypes(), demo.data / "classes.json")
     lines.append(f"- **Class similarity**: Spearman correlation between the prototype similarity S and the classes' "
                  f"true attribute similarity (`classes.json`): {_fmt(spearman)} (1 = same ranking; about 0 = S is "

@@ -20,7 +20,7 @@ from slsd_cli.demo.tuning import CellResult, Grid, Stage, choose, stage_settings
 from slsd_cli.errors import InputError
 from slsd_cli.stats import bootstrap_indices, bootstrap_interval, t_interval, t_quantile
 
-TINY = DemoSize(classes=10, train_images=255, val_images=12, pool_images=24, image_size=64,
+TINY = DemoSize(classes=10, train_images=255, val_images=12, pool_images=24, calib_images=16, image_size=64,
                 prototype_image_size=64, teacher_iterations=2, distill_iterations=2, retrieve_k=2, bootstrap=20)
 
 
@@ -185,15 +185,22 @@ def quick_demo(tmp_path_factory):
 def test_quick_demo_report(quick_demo):
     out, report = quick_demo
     text = report.read_text()
-    assert text.split("\n\n")[1].startswith("**Does calibration-corrected distillation raise APr here?")
+    parts = text.split("\n\n")
+    assert parts[1] == "## The paper's premise, checked first"  # the premise first, then the answer
+    assert "| seed | rare Δ | common Δ | frequent Δ |" in parts[3] and "calib.json" in parts[2]
+    assert parts[4].startswith("**The paper's premise") or parts[4].startswith("**The premise cannot")
+    assert parts[5].startswith("**Does calibration-corrected distillation raise APr here?")
+    assert "Δ drift" in text and "total variation between the similarity and the uniform targets" in text
+    assert "## What the calibration correction did to the pseudo-labels" in text
     assert "One seed: the interval covers only the val set's noise" in text
     for label in (TEACHERS["similarity"].label, STUDENTS["calibrated"].label):
         assert f"| {label} |" in text
     assert "Pseudo-labels per unlabeled image" in text and "Spearman correlation" in text
     assert "peak memory" in text and "Val noise: over 20 bootstrap resamples" in text
     teacher, student = _quick_runs()
-    for step in ("synth", "split", "prototypes", "retrieve", teacher, f"calibrate {teacher} on held-out", student,
-                 f"eval {teacher} on val", f"eval {student} on val", f"eval {teacher} on holdout",
+    for step in ("synth", "split", "prototypes", "retrieve", teacher, f"calibrate {teacher} on calib", student,
+                 f"eval {teacher} on val", f"eval {student} on val", f"eval {teacher} on calib",
+                 f"calibrate {student} (EMA teacher) on calib",
                  "plot reliability", "plot ap_vs_frequency", "plot predictions"):
         assert f"| {step} |" in text, step
     for figure in ("reliability", "ap_vs_frequency", "predictions"):
@@ -288,7 +295,7 @@ def test_tuning_uses_the_held_out_split_never_val(quick_demo, tmp_path, monkeypa
     report = run_demo(tmp_path, main, tune_only=True, size=TINY).read_text()
     assert "val.json" not in report
     tuning = json.loads((tmp_path / "tuning.json").read_text())
-    assert set(tuning["chosen"]["similarity"]) == {"smoothing.epsilon", "smoothing.gamma"}
+    assert set(tuning["chosen"]["similarity"]) == {"smoothing.epsilon", "smoothing.gamma", "smoothing.temperature"}
     assert tuning["chosen"]["student"]["distill.lam"] == lam
     cells = tuning["grids"][0]["cells"]
     assert [c["setting"]["smoothing.epsilon"] for c in cells] == [eps, 0.2] and sum(c["chosen"] for c in cells) == 1
@@ -301,8 +308,9 @@ def test_tuning_uses_the_held_out_split_never_val(quick_demo, tmp_path, monkeypa
 
 
 def test_default_grids_are_the_trimmed_budget():
-    """4 similarity teachers and 10 students: later stages add one new cell each (the other is the choice),
-    the unlabeled-loss weight three (0.5, 2 and the control 0), which is never chosen."""
+    """5 similarity teachers and 9 students: later stages add one new cell each (the other is the choice),
+    the unlabeled-loss weight two (0.5 and the control 0, which is never chosen); both readings of Eq. 5
+    and τ are in the grids."""
     from slsd_cli.demo.tuning import SIMILARITY_TEACHER_GRID, STUDENT_GRID
 
     def cells(grid: Grid, base: dict) -> int:
@@ -315,8 +323,10 @@ def test_default_grids_are_the_trimmed_budget():
         return len(seen)
 
     defaults = demo_pipeline._defaults()
-    assert cells(SIMILARITY_TEACHER_GRID, defaults["similarity"]) == 4
-    assert cells(STUDENT_GRID, defaults["student"]) == 10
+    assert cells(SIMILARITY_TEACHER_GRID, defaults["similarity"]) == 5
+    assert cells(STUDENT_GRID, defaults["student"]) == 9
+    assert "smoothing.temperature" in SIMILARITY_TEACHER_GRID.keys
+    assert ("distill.correction_scope", ("all", "predicted")) in [a for st in STUDENT_GRID.stages for a in st.axes]
     assert ("distill.unsup_weight", 0.0) in STUDENT_GRID.exclude and ("distill.lam", 0.0) in STUDENT_GRID.exclude
     first = stage_settings(STUDENT_GRID.stages[0], defaults["student"])
     assert {(s["distill.threshold_on"], s["distill.ignore_low"], s["distill.background"]) for s in first} == {

@@ -17,17 +17,29 @@ def split(
         None, "--fraction", help="Also write train_frac{F}.json with this share of the training images "
         "(repeatable; subsets are nested)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image permutation."),
+    stratify: bool = typer.Option(
+        False, "--stratify", help="Move the fewest images needed so that holdout.json holds an image of every class "
+        "with at least 2 images (so that slsd calibrate can measure its Delta) and train.json keeps one of every "
+        "class; the held-out share stays the same."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
 ) -> None:
     """Split annotations by image into train.json and holdout.json, plus nested label fractions.
 
-    Example: slsd split lvis_v1_train.json --fraction 0.01 --fraction 0.1 --out-dir splits
+    Example: slsd split lvis_v1_train.json --stratify --fraction 0.01 --fraction 0.1 --out-dir splits
     """
     from slsd_cli.data.split import split_dataset
 
     summary = split_dataset(annotations, out_dir, holdout=holdout, fractions=fraction or [], seed=seed,
-                            force=force)
+                            force=force, stratify=stratify)
     for out in summary["outputs"]:
         freq = out["frequency"]
         typer.echo(f"{out['path']}: {out['images']} images, {out['annotations']} annotations, "
                    f"{out['categories_present']} categories present (r/c/f {freq['r']}/{freq['c']}/{freq['f']})")
+    strata = summary["stratify"]
+    if strata is not None:
+        uncovered = strata["uncovered"]
+        typer.echo(f"stratified: {strata['moved']} images moved; {strata['classes_needing']} classes with >= 2 images, "
+                   f"{len(uncovered)} of them without a held-out image"
+                   + (f" (ids {', '.join(map(str, uncovered[:20]))}{' ...' if len(uncovered) > 20 else ''})"
+                      if uncovered else "")
+                   + f"; {len(strata['untrained'])} classes without a training image")

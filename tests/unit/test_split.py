@@ -154,3 +154,72 @@ def test_help_shows_an_example(capsys):
     assert main(["split", "--help"]) == 0
     out = capsys.readouterr().out
     assert "slsd split" in out and "--fraction" in out and "--holdout" in out
+
+
+# ------------------------------------------------------------------ --stratify (issue 23)
+
+
+def long_tail(n: int = 150) -> dict:
+    """Class 1 in every image; classes 2-21 in 2 or 3 images each (one per image at most); class 22 in
+    one image; and a conflict: the last two images hold class 31's two images, each beside the only
+    image of a class (30, 32), so 31 cannot be held out without leaving 30 or 32 untrained."""
+    data = lvis_like(n)
+    data["annotations"] = []
+    members = {i: [1] for i in range(n)}
+    slot = 0
+    for c in range(2, 22):
+        for _ in range(2 + c % 2):
+            members[slot].append(c)
+            slot += 1
+    members[slot].append(22)
+    members[n - 2] += [30, 31]
+    members[n - 1] += [31, 32]
+    for i, img in enumerate(data["images"]):
+        for c in members[i]:
+            data["annotations"].append({"id": len(data["annotations"]) + 1, "image_id": img["id"], "category_id": c,
+                                        "bbox": [4, 4, 10, 8], "segmentation": [[4, 4, 14, 4, 14, 12, 4, 12]],
+                                        "area": 80.0})
+    data["categories"] = [{"id": c, "name": f"class{c}", "frequency": "r", "image_count": 0, "instance_count": 0}
+                          for c in [*range(1, 23), 30, 31, 32]]
+    return data
+
+
+def test_stratified_holdout_holds_every_class_it_can(tmp_path, capsys):
+    source = tmp_path / "lt.json"
+    source.write_text(json.dumps(long_tail()))
+    plain = split_dataset(source, tmp_path / "plain", seed=0)
+    assert plain["stratify"] is None and "stratify" not in read(tmp_path / "plain" / "train.json")["info"]["slsd_split"]
+    assert main(["split", str(source), "--stratify", "--fraction", "0.5", "--seed", "0", "--out-dir",
+                 str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "stratified:" in out and "1 of them without a held-out image (ids 31)" in out
+    train, held = read(tmp_path / "s" / "train.json"), read(tmp_path / "s" / "holdout.json")
+    assert ids(train).isdisjoint(ids(held)) and len(ids(train) | ids(held)) == 150
+    assert len(held["images"]) == len(read(tmp_path / "plain" / "holdout.json")["images"]) == 22  # same share
+    count = {name: {c["id"]: c["image_count"] for c in d["categories"]} for name, d in (("t", train), ("h", held))}
+    for c in [*range(1, 23), 30, 32]:
+        assert count["t"][c] >= 1, c  # every class keeps a training image
+    for c in range(1, 22):
+        assert count["h"][c] >= 1, c  # and every class with >= 2 images a held-out one
+    assert count["h"][31] == 0 and count["t"][31] == 2  # the conflict: reported, training images kept
+    plain_held = read(tmp_path / "plain" / "holdout.json")
+    assert sum(1 for c in range(2, 22) if not any(a["category_id"] == c for a in plain_held["annotations"])) > 5
+    assert held["info"]["slsd_split"]["stratify"] is True
+    assert ids(read(tmp_path / "s" / fraction_file_name(0.5))) < ids(train)
+    again = split_dataset(source, tmp_path / "again", seed=0, stratify=True)
+    assert (tmp_path / "again" / "holdout.json").read_bytes() == (tmp_path / "s" / "holdout.json").read_bytes()
+    assert again["stratify"]["uncovered"] == [31] and again["stratify"]["untrained"] == []
+    assert main(["split", str(source), "--stratify", "--holdout", "0", "--out-dir", str(tmp_path / "z")]) == 2
+    assert "--stratify" in capsys.readouterr().err
+
+
+def test_stratify_moves_only_what_it_must():
+    from slsd_cli.data.split import stratify_holdout
+
+    order = [10, 11, 12, 13, 14, 15]
+    classes = {10: {1}, 11: {1}, 12: {1, 2}, 13: {2}, 14: {3}, 15: {1}}
+    held, report = stratify_holdout(order, 2, classes)  # the head {10, 11} lacks class 2
+    assert held == {10, 12} and report["moved"] == 2  # 12 (class 2's first image) in, 11 (the latest) out
+    assert report["uncovered"] == [] and report["untrained"] == []
+    held, report = stratify_holdout([14, 10, 11, 12, 13, 15], 1, classes)  # class 3's only image is the head
+    assert 14 not in held and len(held) == 1 and report["untrained"] == []

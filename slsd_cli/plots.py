@@ -555,7 +555,7 @@ def predictions_figure(detections: list[dict] | Sequence[list[dict]], annotation
     if len(names) != len(runs):
         raise InputError(f"{len(names)} labels for {len(runs)} detections files")
     if not 0 <= score <= 1:
-        raise InputError(f"--score must be in [0, 1], got {score}")
+        raise InputError(f"--score-threshold must be in [0, 1], got {score}")
     if not image_ids:
         raise InputError(f"{annotations.path} has no images")
     rows = len(runs) + (1 if show_ground_truth else 0)

@@ -34,6 +34,14 @@ NON_NEGATIVE = "[0, inf)"
 AT_LEAST_ONE = "[1, inf)"
 UNIT = "[0, 1]"
 
+# The choices of the method's string keys, named once: the recipe's fields, the library functions that
+# take them (labels/smoothing.py, labels/pseudo_labels.py) and the commands' checks read them from here.
+SmoothingMode = Literal["none", "uniform", "similarity"]  # the teacher's class targets (Eq. 1-3)
+PseudoTargets = Literal["onehot", "soft"]                  # the pseudo-labels' class targets (Eq. 5 for soft)
+CorrectionScope = Literal["all", "predicted"]              # the class components Eq. 5 shifts
+ThresholdOn = Literal["raw", "corrected"]                  # the score the pseudo-label threshold applies to
+BackgroundMode = Literal["hard", "teacher"]                # the unlabeled background RoIs' weights
+
 
 @dataclass
 class DataConfig:
@@ -85,7 +93,7 @@ class TrainConfig:
 class SmoothingConfig:
     # null (distillation only): the teacher run's smoothing, mode, ε, γ, τ and prototypes alike, so the
     # student's labeled images keep the targets their teacher learned from
-    mode: Optional[Literal["none", "uniform", "similarity"]] = "none"
+    mode: Optional[SmoothingMode] = "none"
     epsilon: float = ranged(0.1, UNIT)        # smoothing mass ε (Eq. 3)
     gamma: float = ranged(1.5, NON_NEGATIVE)  # frequency exponent γ (Eq. 2)
     temperature: float = ranged(1.0, POSITIVE)  # τ of Eq. 2, S_ij / (τ N_j^γ); 1 = the paper, < 1 sharpens S′
@@ -98,13 +106,13 @@ class DistillConfig:
     unlabeled: Optional[str] = None           # unlabeled.json (`slsd retrieve`)
     unlabeled_images: Optional[str] = None    # image folder of the unlabeled pool
     calibration: Optional[str] = None         # calibration.json (`slsd calibrate`)
-    targets: Literal["onehot", "soft"] = "soft"
+    targets: PseudoTargets = "soft"
     lam: float = ranged(2.0, NON_NEGATIVE)    # λ of Eq. 5
-    correction_scope: Literal["all", "predicted"] = "all"
+    correction_scope: CorrectionScope = "all"
     threshold: float = ranged(0.5, UNIT)      # pseudo-label score threshold
-    threshold_on: Literal["raw", "corrected"] = "raw"  # the score it applies to: teacher's, or Eq. 5-corrected
+    threshold_on: ThresholdOn = "raw"         # the score it applies to: teacher's, or Eq. 5-corrected
     ignore_low: Optional[float] = ranged(None, UNIT)   # ignore band [ignore_low, threshold]; None = off
-    background: Literal["hard", "teacher"] = "hard"    # teacher: background RoIs weighted by the teacher's bg score
+    background: BackgroundMode = "hard"       # teacher: background RoIs weighted by the teacher's bg score
     mask_threshold: float = ranged(0.5, "(0, 1)")  # pseudo-mask binarisation
     unsup_weight: float = ranged(1.0, NON_NEGATIVE)
     ema: float = ranged(0.9996, UNIT)

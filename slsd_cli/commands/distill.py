@@ -8,10 +8,7 @@ from typing import List, Optional
 import typer
 
 from slsd_cli.progress import info
-from slsd_cli.recipe import DISTILL_RECIPES, field_choices, flag_help
-
-TARGET_MODES = ("onehot", "soft")
-SCOPES = ("all", "predicted")
+from slsd_cli.recipe import DISTILL_RECIPES, flag_help
 
 
 def distill(
@@ -39,7 +36,10 @@ def distill(
                                                                         "targets).", DISTILL_RECIPES)),
     correction_scope: Optional[str] = typer.Option(None, "--correction-scope", help=flag_help(
         "distill.correction_scope", "Correct every class component (all) or the detected class only (predicted).", DISTILL_RECIPES)),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help=flag_help("distill.threshold", "Pseudo-label score threshold.", DISTILL_RECIPES)),
+    score_threshold: Optional[float] = typer.Option(None, "--score-threshold", help=flag_help(
+        "distill.threshold", "Pseudo-label score threshold.", DISTILL_RECIPES)),
+    threshold_alias: Optional[float] = typer.Option(None, "--threshold", hidden=True,
+                                                    help="Old spelling of --score-threshold."),
     unsup_weight: Optional[float] = typer.Option(None, "--unsup-weight", help=flag_help(
         "distill.unsup_weight", "Weight of the unlabeled images' losses.", DISTILL_RECIPES)),
     ema: Optional[float] = typer.Option(None, "--ema", help=flag_help("distill.ema", "EMA decay of the teacher.", DISTILL_RECIPES)),
@@ -71,24 +71,28 @@ def distill(
 
     Multi-GPU: torchrun --nproc_per_node 8 --no-python slsd distill lvis_eva02_L_distill ...
     """
-    from slsd_cli.commands._training import check_choice, load_recipe, trained_line
+    from slsd_cli import recipe as recipes
+    from slsd_cli.commands._options import check_choice, renamed
+    from slsd_cli.commands._training import trained_line
     from slsd_cli.engine import distill as engine
     from slsd_cli.errors import InputError
+    from slsd_cli.typed_yaml import apply_flags
 
-    check_choice("--targets", targets, TARGET_MODES)
-    check_choice("--correction-scope", correction_scope, SCOPES)
-    check_choice("--smoothing", smoothing, field_choices("smoothing.mode"))
-    if teacher is not None and teacher_alias is not None and teacher != teacher_alias:
-        raise InputError("--checkpoint and --teacher (its old spelling) name different runs; give one")
-    flags = {"distill.teacher": teacher or teacher_alias, "distill.unlabeled": unlabeled, "distill.unlabeled_images": unlabeled_images,
+    check_choice("--targets", targets, "distill.targets")
+    check_choice("--correction-scope", correction_scope, "distill.correction_scope")
+    check_choice("--smoothing", smoothing, "smoothing.mode")
+    teacher = renamed(teacher, teacher_alias, "--checkpoint", "--teacher")
+    score_threshold = renamed(score_threshold, threshold_alias, "--score-threshold", "--threshold")
+    # each flag given sets its typed recipe field (checked like the yaml, never re-parsed), after the overrides
+    flags = {"distill.teacher": teacher, "distill.unlabeled": unlabeled, "distill.unlabeled_images": unlabeled_images,
              "distill.calibration": calibration, "distill.targets": targets, "distill.lam": lam,
-             "distill.correction_scope": correction_scope, "distill.threshold": threshold,
+             "distill.correction_scope": correction_scope, "distill.threshold": score_threshold,
              "distill.unsup_weight": unsup_weight, "distill.ema": ema, "data.train_json": train_json,
              "data.images": images, "smoothing.prototypes": prototypes, "smoothing.mode": smoothing,
              "smoothing.epsilon": epsilon, "smoothing.gamma": gamma, "smoothing.temperature": temperature,
              "train.iterations": iterations,
              "train.seed": seed}
-    loaded = load_recipe(recipe, list(overrides or []) + list(ctx.args), flags)
+    loaded = apply_flags(recipes.load(recipe, list(overrides or []) + list(ctx.args)), flags)
     if loaded.smoothing.mode is None and (epsilon, gamma, temperature) != (None, None, None):
         raise InputError("--epsilon / --gamma / --temperature need --smoothing MODE: with smoothing.mode null the "
                          "labeled images take the teacher run's whole smoothing")

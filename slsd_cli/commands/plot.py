@@ -136,7 +136,9 @@ def predictions(
     annotations: Path = typer.Option(..., "--annotations", help="The annotations json of these images."),
     ids: Optional[List[str]] = typer.Option(None, "--ids", help="Image ids, comma-separated "
                                             "(default: the first --max-images images with a detection)."),
-    score: float = typer.Option(0.5, "--score", help="Draw detections with at least this score."),
+    score_threshold: Optional[float] = typer.Option(None, "--score-threshold",
+                                                    help="Draw detections with at least this score (default 0.5)."),
+    score_alias: Optional[float] = typer.Option(None, "--score", hidden=True, help="Old spelling of --score-threshold."),
     max_images: int = typer.Option(4, "--max-images", help="Images shown when --ids is not given."),
     ground_truth: bool = typer.Option(False, "--gt", help="Add a row with the ground truth."),
     labels: Optional[List[str]] = typer.Option(None, "--labels", help="Row names, comma-separated (default: each "
@@ -151,7 +153,10 @@ def predictions(
     Example: slsd plot predictions runs/teacher/eval/detections.json runs/student/eval/detections.json --images data/images --annotations data/val.json --ids 501,502 --gt --out fig5.png
     """
     from slsd_cli import plots
+    from slsd_cli.commands._options import renamed
 
     names = _split_list(labels, "--labels") or ([label] if label else None)
-    _done(plots.write_predictions(detections, annotations, images, out, _ints(ids, "--ids"), score, max_images,
-                                  ground_truth, names, force, dpi))
+    score = renamed(score_threshold, score_alias, "--score-threshold", "--score")
+    drawn = {} if score is None else {"score": score}  # None: write_predictions' default
+    _done(plots.write_predictions(detections, annotations, images, out, _ints(ids, "--ids"), max_images=max_images,
+                                  ground_truth=ground_truth, labels=names, force=force, dpi=dpi, **drawn))

@@ -35,9 +35,11 @@ def predict(
     images_dir: Optional[Path] = typer.Option(None, "--images-dir", help="Folder that an image-list json's file "
                                                                          "names are relative to (default: the "
                                                                          "json's folder)."),
-    score: Optional[float] = typer.Option(None, "--score", min=0.0, max=1.0,
-                                          help="Keep detections scoring above this (default: the model's "
-                                               "test_score_threshold)."),
+    score_threshold: Optional[float] = typer.Option(None, "--score-threshold", min=0.0, max=1.0,
+                                                    help="Keep detections scoring above this (default: the "
+                                                         "model's test_score_threshold)."),
+    score_alias: Optional[float] = typer.Option(None, "--score", min=0.0, max=1.0, hidden=True,
+                                                help="Old spelling of --score-threshold."),
     max_dets: int = typer.Option(300, "--max-dets", min=1, help="Detections per image (top by score)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=1,
                                              help="Test size: longest image edge (default: the model's image_size)."),
@@ -45,8 +47,11 @@ def predict(
     amp: str = typer.Option("auto", "--amp", help="Precision: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16."),
     render: Optional[Path] = typer.Option(None, "--render", help="Also draw each image with its masks, boxes and "
                                                                  "labels into this folder (PNG)."),
-    render_score: float = typer.Option(0.5, "--render-score", min=0.0, max=1.0,
-                                       help="Draw only detections scoring at least this."),
+    render_score_threshold: Optional[float] = typer.Option(None, "--render-score-threshold", min=0.0, max=1.0,
+                                                           help="Draw only detections scoring at least this "
+                                                                "(default 0.5)."),
+    render_score_alias: Optional[float] = typer.Option(None, "--render-score", min=0.0, max=1.0, hidden=True,
+                                                       help="Old spelling of --render-score-threshold."),
     workers: int = typer.Option(0, "--workers", min=0, help="Image-loading worker processes per rank."),
     soft_nms: Optional[str] = typer.Option(None, "--soft-nms", help=SOFT_NMS_HELP),
     soft_nms_iou: Optional[float] = typer.Option(None, "--soft-nms-iou", help=SOFT_NMS_IOU_HELP),
@@ -64,17 +69,21 @@ def predict(
 
     Example: slsd predict --checkpoint runs/student photos/ --out photos_results.json --render photos_drawn
     """
+    from slsd_cli.commands._options import renamed
     from slsd_cli.errors import InputError
     from slsd_cli.inference.predict import PredictConfig, run_predict
 
+    score = renamed(score_threshold, score_alias, "--score-threshold", "--score")
+    render_score = renamed(render_score_threshold, render_score_alias, "--render-score-threshold", "--render-score")
     if checkpoint is None:  # the first form of the command: slsd predict RUN IMAGES...
         if len(images) < 2:
             raise InputError("give the model with --checkpoint RUN (a run directory or its model.safetensors)")
         checkpoint, images = Path(images[0]), images[1:]
+    drawn = {} if render_score is None else {"render_score": render_score}  # None: PredictConfig's default
     cfg = PredictConfig(checkpoint=checkpoint, images=list(images), out=out, model=model, images_dir=images_dir,
                         score=score, max_dets=max_dets, image_size=image_size, batch_size=batch_size, amp=amp,
-                        render=render, render_score=render_score, workers=workers, force=force, soft_nms=soft_nms,
-                        soft_nms_iou=soft_nms_iou, soft_nms_sigma=soft_nms_sigma, maskness=maskness)
+                        render=render, workers=workers, force=force, soft_nms=soft_nms,
+                        soft_nms_iou=soft_nms_iou, soft_nms_sigma=soft_nms_sigma, maskness=maskness, **drawn)
     summary = run_predict(cfg)
     if summary is None:  # not rank 0
         return

@@ -10,8 +10,6 @@ import typer
 from slsd_cli.progress import info
 from slsd_cli.recipe import flag_help
 
-SMOOTHING_MODES = ("none", "uniform", "similarity")
-
 
 def train_teacher(
     ctx: typer.Context,
@@ -44,16 +42,20 @@ def train_teacher(
 
     Multi-GPU: torchrun --nproc_per_node 8 --no-python slsd train-teacher lvis_eva02_L_teacher ...
     """
-    from slsd_cli.commands._training import check_choice, load_recipe, trained_line
+    from slsd_cli import recipe as recipes
+    from slsd_cli.commands._options import check_choice
+    from slsd_cli.commands._training import trained_line
     from slsd_cli.engine import teacher
     from slsd_cli.errors import InputError
+    from slsd_cli.typed_yaml import apply_flags
 
-    check_choice("--smoothing", smoothing, SMOOTHING_MODES)
+    check_choice("--smoothing", smoothing, "smoothing.mode")
+    # each flag given sets its typed recipe field (checked like the yaml, never re-parsed), after the overrides
     flags = {"smoothing.mode": smoothing, "smoothing.epsilon": epsilon, "smoothing.gamma": gamma,
              "smoothing.temperature": temperature,
              "smoothing.prototypes": prototypes, "data.train_json": train_json, "data.images": images,
              "train.iterations": iterations, "train.seed": seed}
-    loaded = load_recipe(recipe, list(overrides or []) + list(ctx.args), flags)
+    loaded = apply_flags(recipes.load(recipe, list(overrides or []) + list(ctx.args)), flags)
     if loaded.smoothing.mode == "similarity" and loaded.smoothing.prototypes is None:
         raise InputError("--smoothing similarity needs --prototypes (from `slsd prototypes`), or use "
                          "--smoothing uniform / none")

@@ -36,6 +36,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +58,7 @@ from slsd_cli.engine.trainer import TrainResult
 from slsd_cli.errors import InputError
 from slsd_cli.io import read_json
 from slsd_cli.progress import info, warn
-from slsd_cli.recipe import Recipe
+from slsd_cli.recipe import Recipe, SmoothingMode
 
 
 
@@ -221,14 +222,9 @@ def validate(recipe: Recipe) -> None:
 
 def teacher_meta_path(teacher: str | Path) -> Path:
     """model.json of a teacher given as a run dir, its model.safetensors or its model.json."""
-    from slsd_cli.model.weights import META_NAME
+    from slsd_cli.model.weights import model_files
 
-    path = Path(teacher)
-    if not path.exists():
-        raise InputError("teacher not found (expected a run dir, its model.safetensors or model.json)", path=path)
-    if path.is_dir():
-        return path / META_NAME
-    return path if path.suffix == ".json" else path.with_name(META_NAME)
+    return model_files(runs.resolve_model(teacher))[1]
 
 
 def inherit_from_teacher(recipe: Recipe, teacher_meta: dict, meta_path: str | Path = "model.json"
@@ -243,9 +239,9 @@ def inherit_from_teacher(recipe: Recipe, teacher_meta: dict, meta_path: str | Pa
     t_data = teacher_recipe.get("data") or {}
     t_smoothing = teacher_recipe.get("smoothing") or {}
     if smoothing.mode is None:
-        if t_smoothing.get("mode") not in ("none", "uniform", "similarity"):
+        if t_smoothing.get("mode") not in get_args(SmoothingMode):
             raise InputError("smoothing.mode is null (the teacher's smoothing) but the teacher run does not record "
-                             "its smoothing; pass --smoothing none|uniform|similarity", path=meta_path)
+                             f"its smoothing; pass --smoothing {'|'.join(get_args(SmoothingMode))}", path=meta_path)
         keys = ("mode", "epsilon", "gamma", "temperature", "prototypes")
         inherited = {k: t_smoothing[k] for k in keys if k in t_smoothing}
         inherited.setdefault("temperature", 1.0)  # a run from before τ existed: the paper's Eq. 2

@@ -30,16 +30,12 @@ then learns background everywhere on it (except in its ignore regions), and the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, get_args
 
 import torch
 
 from slsd_cli.data.lvis import FREQUENCY_GROUPS as GROUPS
-
-TargetMode = Literal["onehot", "soft"]
-Scope = Literal["all", "predicted"]
-ThresholdOn = Literal["raw", "corrected"]
-Background = Literal["hard", "teacher"]
+from slsd_cli.recipe import BackgroundMode, CorrectionScope, PseudoTargets, ThresholdOn
 MIN_BOX_SIDE = 1.0  # pixels; a thinner pseudo-box (after clipping to the image) is not a usable target
 
 
@@ -47,29 +43,25 @@ MIN_BOX_SIDE = 1.0  # pixels; a thinner pseudo-box (after clipping to the image)
 class PseudoLabelSpec:
     """How teacher detections become student targets (the `distill:` recipe keys, resolved)."""
 
-    targets: TargetMode = "soft"
+    targets: PseudoTargets = "soft"
     threshold: float = 0.5
     lam: float = 0.0
-    scope: Scope = "all"
+    scope: CorrectionScope = "all"
     delta: Optional[torch.Tensor] = None    # per-class CCECE Δ [C] in the model's contiguous class order
     mask_threshold: float = 0.5             # pasted mask probability above which a pixel is the object
     threshold_on: ThresholdOn = "raw"       # the score the threshold (and the ignore band) applies to
     ignore_low: Optional[float] = None      # lower edge of the ignore band; None = no ignore regions
-    background: Background = "hard"         # "teacher": background RoIs weighted by the teacher's background score
+    background: BackgroundMode = "hard"     # "teacher": background RoIs weighted by the teacher's background score
 
     def __post_init__(self) -> None:
-        if self.targets not in ("onehot", "soft"):
-            raise ValueError(f"targets must be 'onehot' or 'soft', got {self.targets!r}")
-        if self.scope not in ("all", "predicted"):
-            raise ValueError(f"correction scope must be 'all' or 'predicted', got {self.scope!r}")
-        if self.threshold_on not in ("raw", "corrected"):
-            raise ValueError(f"threshold_on must be 'raw' or 'corrected', got {self.threshold_on!r}")
+        _check_choice("targets", self.targets, PseudoTargets)
+        _check_choice("correction scope", self.scope, CorrectionScope)
+        _check_choice("threshold_on", self.threshold_on, ThresholdOn)
+        _check_choice("background", self.background, BackgroundMode)
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"pseudo-label threshold must lie in [0, 1], got {self.threshold}")
         if self.ignore_low is not None and not 0.0 <= self.ignore_low <= self.threshold:
             raise ValueError(f"ignore_low must lie in [0, threshold = {self.threshold}], got {self.ignore_low}")
-        if self.background not in ("hard", "teacher"):
-            raise ValueError(f"background must be 'hard' or 'teacher', got {self.background!r}")
         if not 0.0 < self.mask_threshold < 1.0:
             raise ValueError(f"mask threshold must lie in (0, 1), got {self.mask_threshold}")
 
@@ -89,10 +81,24 @@ class PseudoLabelSpec:
         if not self.ignores and self.threshold_on == "raw":
             return self.threshold  # predict keeps scores > its threshold, as the filter does
         floor = self.ignore_low if self.ignores else self.threshold
-        if self.threshold_on == "corrected" and self.delta is not None:
-            # Eq. 5 raises a component by at most λ·max(Δ, 0)
-            floor -= self.lam * max(float(self.delta.max()), 0.0)
+        if self.threshold_on == "corrected":
+            floor -= correction_reach(self.lam, self.delta)
         return max(floor - 1e-6, 0.0)  # a margin for the band's `>=` and for rounding in Eq. 5
+
+
+def correction_reach(lam: float, delta: Optional[torch.Tensor]) -> float:
+    """The most Eq. 5 can raise a class probability: λ·max(Δ, 0) (0 without a Δ). The one rule by which
+    λ acts outside Eq. 5: with `threshold_on: corrected`, a raw score this far under the threshold can
+    still pass it, so the teacher's score floor (`PseudoLabelSpec.score_floor`) is lowered by it."""
+    if delta is None:
+        return 0.0
+    return lam * max(float(delta.max()), 0.0)
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    """A ValueError unless `value` is one of the recipe schema's choices `choices` (a Literal)."""
+    if value not in get_args(choices):
+        raise ValueError(f"{name} must be one of {', '.join(get_args(choices))}, got {value!r}")
 
 
 class Corrected(NamedTuple):
@@ -102,7 +108,7 @@ class Corrected(NamedTuple):
     targets: torch.Tensor   # [N, C] `vectors` normalised to a distribution: the student's class target
 
 
-def calibration_correction(probs: torch.Tensor, delta: torch.Tensor, lam: float, scope: Scope = "all",
+def calibration_correction(probs: torch.Tensor, delta: torch.Tensor, lam: float, scope: CorrectionScope = "all",
                            fallback: Optional[torch.Tensor] = None) -> Corrected:
     """Eq. 5, `ỹ = y + λΔ`, on the teacher's foreground probability vectors `probs [N, C]` (docs/method.md).
 
@@ -114,8 +120,7 @@ def calibration_correction(probs: torch.Tensor, delta: torch.Tensor, lam: float,
     which this one normalisation cancels). A row with no mass left after clipping becomes one-hot
     of `fallback[n]` (the detected class; default the row's arg-max of `probs`).
     """
-    if scope not in ("all", "predicted"):
-        raise ValueError(f"correction scope must be 'all' or 'predicted', got {scope!r}")
+    _check_choice("correction scope", scope, CorrectionScope)
     if probs.ndim != 2:
         raise ValueError(f"probs must be [N, C], got {tuple(probs.shape)}")
     delta = delta.to(device=probs.device, dtype=probs.dtype).reshape(-1)

@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 
 from slsd_cli import distributed
 from slsd_cli.errors import InputError
 from slsd_cli.io import load_safetensors, save_safetensors_atomic
+from slsd_cli.recipe import SmoothingMode
 
-TargetMode = Literal["none", "uniform", "similarity"]
 PROTOTYPE_TENSORS = ("prototypes", "counts", "similarity", "category_ids")
 
 
@@ -246,7 +246,7 @@ def load_prototypes(path: str | Path, annotations: Any = None) -> dict[str, Any]
             "metadata": dict(metadata), "path": str(path)}
 
 
-def target_table(mode: TargetMode, num_classes: int, epsilon: float = 0.1, gamma: float = 1.5,
+def target_table(mode: SmoothingMode, num_classes: int, epsilon: float = 0.1, gamma: float = 1.5,
                  prototypes_file: str | Path | None = None, annotations: Any = None,
                  temperature: float = 1.0) -> torch.Tensor:
     """The `[C, C]` table the training engine gathers rows from (`class_targets = table[labels]`).
@@ -259,7 +259,7 @@ def target_table(mode: TargetMode, num_classes: int, epsilon: float = 0.1, gamma
     if mode == "uniform":
         return uniform_targets(num_classes, epsilon)
     if mode != "similarity":
-        raise InputError(f"label smoothing mode must be 'none', 'uniform' or 'similarity', got {mode!r}")
+        raise InputError(f"label smoothing mode must be one of {', '.join(get_args(SmoothingMode))}, got {mode!r}")
     if prototypes_file is None:
         raise InputError("similarity label smoothing needs a prototypes file (slsd prototypes)")
     loaded = load_prototypes(prototypes_file, annotations)

@@ -104,7 +104,9 @@ def save_detector(model: CascadeMaskRCNN, out_dir: str | Path, categories: list[
     atomic_write_json(out_dir / META_NAME, meta, indent=1)
 
 
-def _paths(path: str | Path) -> tuple[Path, Path]:
+def model_files(path: str | Path) -> tuple[Path, Path]:
+    """(model.safetensors, model.json) of a saved detector given as its folder or either file. A run
+    given by the user is first resolved to that folder by `run_dir.resolve_model` (which of its models)."""
     path = Path(path)
     if path.is_dir():
         return path / WEIGHTS_NAME, path / META_NAME
@@ -116,7 +118,7 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
 def read_saved(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path, Path]:
     """A saved detector's (tensors, model.json, weights path, json path), with the two files' category
     ids checked against each other."""
-    weights_path, meta_path = _paths(path)
+    weights_path, meta_path = model_files(path)
     if not weights_path.is_file():
         raise InputError("no model.safetensors here (expected a run dir or a model.safetensors file)",
                          path=weights_path)

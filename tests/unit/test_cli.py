@@ -15,6 +15,7 @@ import yaml
 
 from slsd_cli import __version__
 from slsd_cli.cli import app, main
+from slsd_cli.errors import InputError
 
 
 def _help(capsys, *command: str) -> str:
@@ -39,7 +40,7 @@ def test_version(capsys):
     (["train-teacher"], "--iterations", ["synthetic_tiny: 300", "lvis_eva02_L_teacher: 30000"]),
     (["distill"], "--lambda", ["distill.lam", "synthetic_tiny_distill: 2.0"]),
     (["distill"], "--ema", ["lvis_eva02_L_distill: 0.9996"]),
-    (["distill"], "--threshold", ["distill.threshold", "synthetic_tiny_distill: 0.5"]),
+    (["distill"], "--score-threshold", ["distill.threshold", "synthetic_tiny_distill: 0.5"]),
     (["distill"], "--targets", ["One of: onehot, soft"]),
     (["distill"], "--correction-scope", ["One of: all, predicted"]),
     (["distill"], "--checkpoint", ["The teacher: a run dir"]),
@@ -78,6 +79,23 @@ def test_every_help_text_is_shown_whole(capsys):
 def test_hidden_alias_keeps_old_scripts_working(capsys):
     text = _help(capsys, "distill")
     assert "--checkpoint" in text and "--teacher " not in text
+    # one spelling of a score threshold in every command; the old ones stay as hidden aliases
+    assert "--score-threshold" in text and "--threshold " not in text
+    predict_help = _help(capsys, "predict")
+    assert "--score-threshold" in predict_help and "--score " not in predict_help
+    assert "--render-score-threshold" in predict_help and "--render-score " not in predict_help
+    plot_help = _help(capsys, "plot", "predictions")
+    assert "--score-threshold" in plot_help and "--score " not in plot_help
+
+
+def test_old_and_new_spelling_of_an_option_must_agree():
+    from slsd_cli.commands._options import renamed
+
+    assert renamed(None, 0.3, "--score-threshold", "--score") == 0.3
+    assert renamed(0.3, None, "--score-threshold", "--score") == 0.3
+    assert renamed(None, None, "--score-threshold", "--score") is None
+    with pytest.raises(InputError, match="--score-threshold and --score .* disagree"):
+        renamed(0.3, 0.4, "--score-threshold", "--score")
 
 
 def test_recipe_list_and_show(capsys):

@@ -17,7 +17,7 @@ from torch import nn
 from slsd_cli.distributed import DistInfo
 from slsd_cli.engine import checkpoint as ckpt
 from slsd_cli.engine.optim import build_optimizer, lr_factor, param_groups, set_lr
-from slsd_cli.engine.seeding import sample_seed
+from slsd_cli.engine.seeding import sample_seed, seed_everything
 from slsd_cli.engine.stream import StepLoader, _RankKeys
 from slsd_cli.engine.trainer import NonFiniteLossError, train
 from slsd_cli.errors import InputError
@@ -230,8 +230,9 @@ def _stack(samples):
 class RegressionPhase:
     """A linear model as a `trainer.Phase` (exercises the loop without a detector)."""
 
-    def __init__(self, cfg: TrainConfig, nan_at: set[int] = frozenset(), num_workers: int = 0):
-        torch.manual_seed(cfg.seed)
+    def __init__(self, cfg: TrainConfig, nan_at: set[int] = frozenset(), num_workers: int = 0, jitter: bool = True):
+        seed_everything(cfg.seed)  # as the real phases: every run starts from the same RNG states
+        self.jitter = jitter
         self.trainable = nn.Linear(3, 1)
         self.loader = StepLoader(_Points(), _stack, seed=cfg.seed, micro_batch=cfg.micro_batch,
                                  num_workers=num_workers)
@@ -241,7 +242,11 @@ class RegressionPhase:
         return {"model": self.trainable}
 
     def next_batch(self):
-        return self.loader.next()
+        # a jitter drawn from the global torch / numpy / python RNGs outside the loader's per-sample
+        # seeding: a resumed run gets the unbroken run's draws only if the checkpoint restores them
+        jitter = float(torch.rand(())) + float(np.random.rand()) + random.random() if self.jitter else 0.0
+        x, y = self.loader.next()
+        return x, y + 0.1 * jitter
 
     def losses(self, model, batch):
         x, y = batch
@@ -311,6 +316,7 @@ def test_loop_learns_logs_and_resumes_bit_exactly(tmp_path: Path):
     phase = RegressionPhase(cfg)
     with torch.no_grad():  # scramble the fresh weights: they must come from the checkpoint
         phase.trainable.weight.normal_()
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)  # and the RNGs: they too
     train(phase, cfg, tmp_path / "b", CPU, resume=True)
     assert phase.steps == [8, 9, 10, 11]
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
@@ -374,14 +380,15 @@ def test_keep_last_keeps_the_newest_periodic_checkpoints(tmp_path: Path):
 
 
 def test_resume_with_loader_workers_equals_an_unbroken_run_without(tmp_path: Path):
-    """Data workers (2 processes, as the LVIS recipes use) change neither the stream nor the resume."""
+    """Data workers (2 processes, as the LVIS recipes use) change neither the stream nor the resume
+    (no jitter: workers leave the main process's numpy / python RNGs unseeded, so its draws differ)."""
     cfg = _cfg()
-    train(RegressionPhase(cfg), cfg, tmp_path / "a", CPU)
-    stopped = _phase_stopping_after(cfg, 4, num_workers=2)
+    train(RegressionPhase(cfg, jitter=False), cfg, tmp_path / "a", CPU)
+    stopped = _phase_stopping_after(cfg, 4, num_workers=2, jitter=False)
     with pytest.raises(_Stop):
         train(stopped, cfg, tmp_path / "b", CPU)
     stopped.close()  # as engine.launch does: stops the workers now, not at garbage collection
-    phase = RegressionPhase(cfg, num_workers=2)
+    phase = RegressionPhase(cfg, num_workers=2, jitter=False)
     try:
         train(phase, cfg, tmp_path / "b", CPU, resume=True)
     finally:

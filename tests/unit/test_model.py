@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -344,11 +345,17 @@ def test_bad_targets_are_input_errors(data):
 # ---------------------------------------------------------------------- inference and results
 
 
+THRESHOLD = 0.2
+
+
 @pytest.fixture(scope="module")
 def predictions(data):
     images, _ = data
     torch.manual_seed(0)
-    model = build_model(tiny_cnn_config(test_score_threshold=0.0, max_detections=50), 3)
+    model = build_model(tiny_cnn_config(test_score_threshold=THRESHOLD, max_detections=50, rpn_post_nms_topk_test=20), 3)
+    with torch.no_grad():  # class scores near 0.5, 0.27 and 0.05: the threshold keeps classes 0 and 1
+        for stage in model.roi_heads.stages:
+            stage.cls_score.bias[:3] = torch.tensor([0.0, -1.0, -3.0])
     sizes = [(SIZE, SIZE), (100, 120)]
     return model, model.predict(images, sizes), sizes
 
@@ -359,6 +366,7 @@ def test_predict_output_shapes(predictions):
     for det, (h, w) in zip(dets, sizes):
         n = len(det["scores"])
         assert 0 < n <= 50
+        assert bool((det["scores"] > THRESHOLD).all()) and set(det["labels"].tolist()) == {0, 1}
         assert det["boxes"].shape == (n, 4) and det["labels"].shape == (n,) and det["probs"].shape == (n, 3)
         assert det["mask_probs"].shape == (n, 28, 28)
         assert bool((det["boxes"][:, 2] <= w).all()) and bool((det["boxes"][:, 3] <= h).all())
@@ -404,10 +412,16 @@ def test_to_results_pass_results_validation(predictions, data, tmp_path):
         [*(dets[0]["boxes"][0, :2] * 2).tolist(), *((dets[0]["boxes"][0, 2:] - dets[0]["boxes"][0, :2]) * 2).tolist()]),
         atol=1e-3)
     assert len(first["probs"]) == 3 and first["category_id"] == category_ids[int(dets[0]["labels"][0])]
-    decoded = mask_utils.decode(first["segmentation"])
-    assert decoded.shape == (h, w)
-    pasted = paste_masks(dets[0]["mask_probs"][:1], dets[0]["boxes"][:1] * 2, h, w)[0] > 0.5
-    assert torch.equal(torch.from_numpy(decoded).bool(), pasted)
+    assert mask_utils.decode(first["segmentation"]).shape == (h, w)
+    # a known mask: the left half of a box on a model input seen at half size; in the original
+    # image the box is [8, 12, 48, 60], and the half-mask covers its columns 8..27, rows 12..59
+    known = {"boxes": torch.tensor([[4.0, 6.0, 24.0, 30.0]]), "scores": torch.tensor([0.9]),
+             "labels": torch.tensor([2]), "mask_probs": torch.cat([torch.ones(28, 14), torch.zeros(28, 14)], 1)[None]}
+    (record,) = to_results(known, 5, category_ids, 0.5, (70, 64))
+    assert record["bbox"] == [8.0, 12.0, 40.0, 48.0] and record["category_id"] == category_ids[2]
+    expected = np.zeros((70, 64), dtype=np.uint8)
+    expected[12:60, 8:28] = 1
+    assert np.array_equal(mask_utils.decode(record["segmentation"]), expected)
 
 
 def test_paste_masks_fills_the_box():
@@ -416,10 +430,14 @@ def test_paste_masks_fills_the_box():
     out = paste_masks(masks, torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 40.0, 40.0]]), 64, 64)
     assert out.shape == (2, 64, 64)
     inside = out[0, 21:59, 11:29]
-    assert bool((inside > 0.99).all()) and out[0].sum().item() == pytest.approx(20 * 40, rel=0.05)
-    assert out[0, :19].sum() == 0 and out[0, :, 31:].sum() == 0
-    assert (out[1] > 0.5).sum().item() == pytest.approx(20 * 40, rel=0.05)
-    assert (out[1, :40, :20] > 0.5).all() and (out[1, :, 20:] < 0.5).all() and (out[1, 40:] == 0).all()
+    assert bool((inside > 0.99).all())
+    # above 0.5: exactly the box's pixels (rows 20..59, columns 10..29), and the left half of the
+    # second box (columns 0..19 of rows 0..39); one pixel more or less fails
+    box, half = torch.zeros(64, 64, dtype=torch.bool), torch.zeros(64, 64, dtype=torch.bool)
+    box[20:60, 10:30] = True
+    half[:40, :20] = True
+    assert torch.equal(out[0] > 0.5, box) and torch.equal(out[1] > 0.5, half)
+    assert out[0][~box].sum() == 0 and out[1, 40:].sum() == 0 and out[1, :, 21:].sum() == 0
 
 
 # ---------------------------------------------------------------------- weights

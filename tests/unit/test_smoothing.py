@@ -84,8 +84,9 @@ def test_huge_counts_make_smoothing_uniform_over_those_columns(problem, gamma):
     cols = s_prime[:, huge]
     # S_ij / N_j^gamma ~ 0 for the huge columns: equal mass within each row
     assert torch.allclose(cols, cols[:, :1].expand_as(cols), rtol=1e-6, atol=1e-9)
-    if bool(huge.all()):
-        assert torch.allclose(s_prime, torch.full_like(s_prime, 1 / len(counts)))
+    # every column huge: S' is uniform, 1 / C everywhere
+    everywhere = frequency_modulated_similarity(sim, torch.full_like(counts, 10**12), gamma)
+    assert torch.allclose(everywhere, torch.full_like(everywhere, 1 / len(counts)), rtol=1e-6, atol=1e-9)
 
 
 @SETTINGS
@@ -209,9 +210,9 @@ def test_prototype_file_round_trip_and_category_check(tmp_path):
         target_table("similarity", 4, 0.1, 1.5, path)
 
     table = target_table("similarity", 3, 0.1, 1.5, path, ann)
-    assert torch.allclose(table, similarity_targets(loaded["similarity"], counts, 0.1, 1.5))
+    assert torch.allclose(table.double(), _reference_table(protos.numpy(), counts.numpy(), 0.1, 1.5), atol=1e-6)
     assert torch.equal(target_table("none", 3), torch.eye(3))
-    assert torch.allclose(target_table("uniform", 3, 0.3), uniform_targets(3, 0.3))
+    assert torch.allclose(target_table("uniform", 3, 0.3), torch.full((3, 3), 0.1) + 0.7 * torch.eye(3))
     with pytest.raises(InputError):
         target_table("similarity", 3)
     with pytest.raises(InputError):
@@ -234,20 +235,26 @@ def test_load_rejects_foreign_safetensors(tmp_path):
         load_prototypes(tmp_path / "z.safetensors")
 
 
+def _reference_table(protos: np.ndarray, counts: np.ndarray, eps: float, gamma: float) -> torch.Tensor:
+    """Eq. 1-3 written out in numpy, class by class (classes without instances keep one-hot rows)."""
+    c = len(counts)
+    unit = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-300)
+    sim = unit @ unit.T
+    expected = np.eye(c)
+    for i in range(c):
+        if counts[i] == 0:
+            continue
+        logits = np.array([sim[i, j] / counts[j] ** gamma if counts[j] else -np.inf for j in range(c)])
+        row = np.exp(logits - logits[np.isfinite(logits)].max())
+        expected[i] = (1 - eps) * np.eye(c)[i] + eps * row / row.sum()
+    return torch.from_numpy(expected)
+
+
 def test_table_against_numpy_reference():
     rng = np.random.default_rng(1)
     protos = rng.normal(size=(6, 5))
     counts = np.array([3, 0, 100, 1, 7, 40])
     protos[1] = 0
-    unit = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-300)
-    sim = unit @ unit.T
     eps, gamma = 0.1, 1.5
-    expected = np.eye(6)
-    for c in range(6):
-        if counts[c] == 0:
-            continue
-        logits = np.array([sim[c, j] / counts[j] ** gamma if counts[j] else -np.inf for j in range(6)])
-        row = np.exp(logits - logits[np.isfinite(logits)].max())
-        expected[c] = (1 - eps) * np.eye(6)[c] + eps * row / row.sum()
     table = similarity_targets(cosine_similarity(torch.from_numpy(protos)), torch.from_numpy(counts), eps, gamma)
-    assert np.allclose(table.numpy(), expected, atol=1e-6)
+    assert np.allclose(table.numpy(), _reference_table(protos, counts, eps, gamma).numpy(), atol=1e-6)

@@ -201,19 +201,36 @@ def test_soft_background_reweights_only_background_rois(classifier, one_thread, 
 
 @pytest.mark.parametrize("classifier", ["sigmoid", "softmax"])
 def test_background_scorers_score_boxes_as_the_cascade_does(classifier, one_thread):
+    """With the class logits made constant per stage (weights 0, a bias per stage), the background
+    score is known by hand: the stages' class probabilities averaged, then 1 - max over the classes
+    (sigmoid: "no class present") or 1 - sum (softmax: the background column)."""
+    import math
+
     torch.manual_seed(0)
     cfg = dataclasses.replace(tiny_cnn_config(image_size=64), classifier=classifier)
     model = build_model(cfg, num_classes=3).train()
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 255
     boxes = _proposals()[:10]
+    # with the random weights: a score per box, that follows the box and depends on the image
     scorers = model.background_scorers(images, [(64, 64), (64, 64)])
     assert model.training  # the mode is restored
     score = scorers[1](boxes)
-    with torch.no_grad():
-        model.eval()
-        features = model.backbone(model.preprocess(images, [(64, 64), (64, 64)]))
-        _, probs = model.roi_heads.forward_test([f[1:2] for f in features[:4]], [boxes], [(64, 64)])
-    fg = probs[0].sum(1) if classifier == "softmax" else probs[0].max(1).values
-    torch.testing.assert_close(score, (1 - fg).clamp(0, 1))
-    assert score.shape == (10,) and bool(((score >= 0) & (score <= 1)).all())
+    assert score.shape == (10,) and bool(((score >= 0) & (score <= 1)).all()) and float(score.std()) > 0
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(scorers[1](boxes[perm]), score[perm])
+    assert not torch.allclose(scorers[0](boxes), score)
     assert scorers[0](boxes[:0]).shape == (0,)
+    # constant logits: the score by hand
+    biases = [[2.0, -1.0, 0.0, 0.3], [-1.0, 1.0, 0.5, 0.3], [0.0, 0.0, -2.0, -0.5]]
+    with torch.no_grad():
+        for stage, bias in zip(model.roi_heads.stages, biases):
+            stage.cls_score.weight.zero_()
+            stage.cls_score.bias.copy_(torch.tensor(bias))
+    if classifier == "sigmoid":
+        per_stage = [[1 / (1 + math.exp(-b)) for b in bias[:3]] for bias in biases]
+    else:
+        per_stage = [[math.exp(b) / sum(math.exp(x) for x in bias) for b in bias[:3]] for bias in biases]
+    mean = [sum(p[c] for p in per_stage) / 3 for c in range(3)]
+    expected = 1 - (max(mean) if classifier == "sigmoid" else sum(mean))
+    constant = model.background_scorers(images, [(64, 64), (64, 64)])[0](boxes)
+    torch.testing.assert_close(constant, torch.full((10,), expected), atol=1e-6, rtol=0)

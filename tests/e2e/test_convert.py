@@ -131,6 +131,9 @@ def test_converts_loads_strictly_and_maps_every_rule(files, tmp_path):
     table = state["backbone.net.pos_embed"][:, 1:].reshape(1, 14, 14, 64).permute(0, 3, 1, 2)
     plain = F.interpolate(table.double(), size=(8, 8), mode="bicubic", align_corners=False)
     assert torch.equal(sd["backbone.trunk.pos_embed"], plain.permute(0, 2, 3, 1).reshape(1, 64, 64).float())
+    own64 = {k: v.double() for k, v in sd.items()}  # a float64 model gets the float64 table itself
+    table64 = convert_state_dict(state, _cfg(), own64, meta["categories"])["backbone.trunk.pos_embed"]
+    assert table64.dtype == torch.float64 and torch.equal(table64, plain.permute(0, 2, 3, 1).reshape(1, 64, 64))
     smooth = F.interpolate(table, size=(8, 8), mode="bicubic", align_corners=False, antialias=True)
     assert not torch.allclose(sd["backbone.trunk.pos_embed"], smooth.permute(0, 2, 3, 1).reshape(1, 64, 64), atol=1e-3)
     # R5 simple feature pyramid

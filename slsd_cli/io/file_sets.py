@@ -92,18 +92,21 @@ def _recover_once(folder: Path) -> None:
 def _recover_file_sets(folder: Path) -> None:
     """Roll back what killed runs left of multi-file outputs in `folder`: files already renamed
     into place are removed (and the previous versions put back from the staging folder), and the
-    staging folder is deleted. A staging folder is first claimed by a rename, so two processes
+    staging folder is deleted; their lock files that no live process holds are removed. A staging folder is first claimed by a rename, so two processes
     recovering at once (torchrun ranks) never undo each other's work; a folder whose writer is
     still alive is left alone. Only rank 0 of a torchrun job recovers (the other ranks may check
     outputs at the same time, even on other hosts)."""
     if os.environ.get("RANK", "0") != "0":
         return
     try:
-        leftovers = [entry.name for entry in os.scandir(folder) if entry.name.startswith(".")
-                     and (entry.name.endswith(".set.tmp") or entry.name.endswith(".claim"))
-                     and entry.is_dir(follow_symlinks=False)]
+        entries = [entry for entry in os.scandir(folder) if entry.name.startswith(".")]
     except (FileNotFoundError, NotADirectoryError):
         return
+    leftovers = [entry.name for entry in entries if entry.name.endswith((".set.tmp", ".claim"))
+                 and entry.is_dir(follow_symlinks=False)]
+    for entry in entries:  # lock files of killed runs (a live run's lock is held: left alone)
+        if entry.name.endswith(".lock") and entry.is_file(follow_symlinks=False):
+            locks.remove_stale(Path(entry.path))
     for leftover in leftovers:
         staging = folder / leftover
         if _alive(staging):

@@ -10,7 +10,8 @@ lock file (a run leaves nothing behind); a process that opened the old file in t
 is no longer the file at that path and takes the lock again on the new one.
 
 Under torchrun only rank 0 locks (the other ranks write what rank 0 decided). Outside any scope
-(library calls) nothing is locked: the caller's process owns the outputs.
+(library calls) nothing is locked: the caller's process owns the outputs (a stale lock file a killed
+run left is still removed, as `check_output` removes its temporaries).
 """
 
 from __future__ import annotations
@@ -70,10 +71,14 @@ def held(output: str | Path) -> bool:
 
 
 def acquire(output: str | Path) -> None:
-    """Lock `output` for the current scope (see the module docstring); re-entrant in one process."""
-    if not _scopes or os.environ.get("RANK", "0") != "0":
+    """Lock `output` for the current scope (see the module docstring); re-entrant in one process.
+    Outside a scope nothing is locked, but a lock file a dead process left is removed."""
+    if os.environ.get("RANK", "0") != "0":
         return
     path = lock_path(output)
+    if not _scopes:
+        remove_stale(path)
+        return
     key = str(path)
     if key in _held:
         _held[key].count += 1
@@ -121,6 +126,22 @@ def _lock(path: Path, output: Path) -> int | None:
     return fd
 
 
+def remove_stale(path: Path) -> None:
+    """Remove the lock file at `path` if no process holds it (a run killed while holding it)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino:
+            os.unlink(path)
+    except OSError:
+        pass  # held by a live run, or gone already
+    finally:
+        os.close(fd)
+
+
 def _describe_me(fd: int) -> None:
     """Write who holds the lock (read by a second launch for its message)."""
     record = {"pid": os.getpid(), "host": socket.gethostname(), "since": round(time.time(), 1),
@@ -166,4 +187,4 @@ def _release(key: str) -> None:
     os.close(held_lock.fd)
 
 
-__all__ = ["acquire", "held", "lock_path", "scope"]
+__all__ = ["acquire", "held", "lock_path", "remove_stale", "scope"]

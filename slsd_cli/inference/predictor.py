@@ -137,8 +137,9 @@ class Predictor:
                 score_threshold: float | None = None) -> list[dict]:
         """Detections per image (see `CascadeMaskRCNN.predict`); float32 outputs whatever the amp."""
         with self._precision():
+            per_run = {"options": self.options} if self.test_options else {}  # else the model's own keys
             dets = self.model.predict(images.to(self.device), image_sizes, score_threshold=score_threshold,
-                                      canvas=self.canvas, options=self.options)
+                                      canvas=self.canvas, **per_run)
         return [{k: (v.float() if torch.is_floating_point(v) else v) for k, v in d.items()} for d in dets]
 
     @torch.no_grad()

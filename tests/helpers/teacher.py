@@ -18,7 +18,9 @@ def confident_teacher(out: Path, train_json: Path, overrides: list[str], biases:
     from slsd_cli.model.weights import build_detector, save_detector
     from slsd_cli.typed_yaml import to_dict
 
-    recipe = recipes.load("synthetic_tiny_distill", [*overrides, f"data.train_json={train_json}"])
+    # a teacher run records the smoothing it trained with (the distill recipe's null means "the teacher's")
+    recipe = recipes.load("synthetic_tiny_distill", ["smoothing.mode=none", *overrides,
+                                                     f"data.train_json={train_json}"])
     annotations = load_annotations(train_json)
     torch.manual_seed(0)
     teacher = build_detector(recipe.model, annotations.categories)

@@ -149,3 +149,46 @@ def test_unlabeled_image_without_pseudo_labels_gives_finite_background_loss(one_
         assert grads and all(torch.isfinite(g).all() for g in grads)
     # with only background images the classification loss still teaches "background" (non-zero)
     assert float(losses["cls_stage0"].detach()) > 0 and float(losses["rpn_cls"].detach()) > 0
+
+
+def test_unlabeled_images_come_from_the_folder_retrieve_recorded(tmp_path):
+    """No distill.unlabeled_images: the folder `slsd retrieve` records (info.images_dir) wins over
+    images/ beside the json; a relative one is tried from the json's folder; neither is an error."""
+    import json
+    from types import SimpleNamespace
+
+    from slsd_cli.data.lvis import load_annotations
+    from slsd_cli.engine.distill import unlabeled_images_dir
+
+    (tmp_path / "images").mkdir()              # beside the json: must not be taken
+    (tmp_path / "pool" / "imgs").mkdir(parents=True)
+    doc = {"images": [{"id": 1, "width": 8, "height": 8, "file_name": "a.png"}], "categories": [{"id": 1, "name": "a"}],
+           "info": {"images_dir": str(tmp_path / "pool" / "imgs")}}
+    path = tmp_path / "unlabeled.json"
+    path.write_text(json.dumps(doc))
+    recipe = SimpleNamespace(distill=SimpleNamespace(unlabeled_images=None, unlabeled=str(path)))
+    assert unlabeled_images_dir(recipe, load_annotations(path, require_annotations=False)) == tmp_path / "pool" / "imgs"
+    doc["info"]["images_dir"] = "pool/imgs"    # relative, not found from the working directory
+    path.write_text(json.dumps(doc))
+    assert unlabeled_images_dir(recipe, load_annotations(path, require_annotations=False)) == tmp_path / "pool" / "imgs"
+    doc["info"]["images_dir"] = "nowhere"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="unlabeled image folder not found"):
+        unlabeled_images_dir(recipe, load_annotations(path, require_annotations=False))
+
+
+def test_calibration_file_errors_name_the_record(tmp_path):
+    """distill reads Δ through `load_delta`: a bad entry is a one-line error naming per_class.<key>."""
+    import json
+
+    from slsd_cli.labels.calibration import load_delta
+
+    path = tmp_path / "calibration.json"
+    for per_class, words in (({"x7": {"delta": 0.1}}, "not an integer"), ({"9": {"delta": 0.1}}, "not one of"),
+                             ({"3": {"delta": 1.5}}, "delta must be")):
+        path.write_text(json.dumps({"per_class": per_class}))
+        with pytest.raises(InputError, match=words) as info:
+            load_delta(path, [3, 5])
+        assert info.value.record == f"per_class.{next(iter(per_class))}" and info.value.path == str(path)
+    path.write_text(json.dumps({"per_class": {"5": {"delta": -0.25}}}))
+    assert load_delta(path, [3, 5]).tolist() == [0.0, -0.25]

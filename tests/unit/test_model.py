@@ -414,14 +414,21 @@ def test_to_results_pass_results_validation(predictions, data, tmp_path):
     assert len(first["probs"]) == 3 and first["category_id"] == category_ids[int(dets[0]["labels"][0])]
     assert mask_utils.decode(first["segmentation"]).shape == (h, w)
     # a known mask: the left half of a box on a model input seen at half size; in the original
-    # image the box is [8, 12, 48, 60], and the half-mask covers its columns 8..27, rows 12..59
-    known = {"boxes": torch.tensor([[4.0, 6.0, 24.0, 30.0]]), "scores": torch.tensor([0.9]),
-             "labels": torch.tensor([2]), "mask_probs": torch.cat([torch.ones(28, 14), torch.zeros(28, 14)], 1)[None]}
-    (record,) = to_results(known, 5, category_ids, 0.5, (70, 64))
+    # image the box is [8, 12, 48, 60], and the half-mask covers its columns 8..27, rows 12..59.
+    # A ramp (column j holds j / 27) in a box of 28 original pixels [8, 12, 36, 40]: pixel 8 + j
+    # takes j / 27, so the mask (> 0.5) is columns 22..35
+    half = torch.cat([torch.ones(28, 14), torch.zeros(28, 14)], 1)
+    ramp = (torch.arange(28.0) / 27).expand(28, 28)
+    known = {"boxes": torch.tensor([[4.0, 6.0, 24.0, 30.0], [4.0, 6.0, 18.0, 20.0]]), "scores": torch.tensor([0.9, 0.8]),
+             "labels": torch.tensor([2, 0]), "mask_probs": torch.stack([half, ramp])}
+    record, ramped = to_results(known, 5, category_ids, 0.5, (70, 64))
     assert record["bbox"] == [8.0, 12.0, 40.0, 48.0] and record["category_id"] == category_ids[2]
     expected = np.zeros((70, 64), dtype=np.uint8)
     expected[12:60, 8:28] = 1
     assert np.array_equal(mask_utils.decode(record["segmentation"]), expected)
+    expected = np.zeros((70, 64), dtype=np.uint8)
+    expected[12:40, 22:36] = 1
+    assert np.array_equal(mask_utils.decode(ramped["segmentation"]), expected)
 
 
 def test_paste_masks_fills_the_box():
@@ -438,6 +445,13 @@ def test_paste_masks_fills_the_box():
     half[:40, :20] = True
     assert torch.equal(out[0] > 0.5, box) and torch.equal(out[1] > 0.5, half)
     assert out[0][~box].sum() == 0 and out[1, 40:].sum() == 0 and out[1, :, 21:].sum() == 0
+    # the values: a ramp over the 28 columns (column j holds j / 27) pasted into a 28-pixel-wide box
+    # gives pixel 8 + j the value j / 27; into a 56-pixel-wide box, pixel c samples column c / 2 - 0.25
+    ramp = (torch.arange(28.0) / 27).expand(28, 28)[None].expand(2, 28, 28)
+    out = paste_masks(ramp, torch.tensor([[8.0, 0.0, 36.0, 28.0], [0.0, 0.0, 56.0, 28.0]]), 28, 64)
+    torch.testing.assert_close(out[0, 5, 8:36], torch.arange(28.0) / 27, atol=1e-6, rtol=0)
+    interior = torch.arange(1, 55)
+    torch.testing.assert_close(out[1, 5, 1:55], (interior / 2 - 0.25) / 27, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------- weights

@@ -13,7 +13,7 @@ from slsd_cli.progress import info
 
 
 def describe(estimator: dict) -> str:
-    """'shrink k=10 on instances' or 'raw'."""
+    """'shrink k=30 on detections' or 'raw Eq. 4'."""
     if estimator["name"] == "raw":
         return "raw Eq. 4"
     return f"{estimator['name']} k={estimator['k']:g} on {estimator['support']}"
@@ -56,8 +56,8 @@ def calibrate(
     For LVIS, only detections of classes verified on their image (annotated or a listed negative) are judged.
 
     By default each class's Delta is shrunk toward its r/c/f group's: (n Delta + k Delta_group) / (n + k), n its
-    ground-truth instances in the data; each class's entry gives its raw Delta, support and status
-    (estimated, shrunk or unknown).
+    judged detections (0 without a ground-truth instance in the data: its group's Delta); each class's entry
+    gives its raw Delta, support and status (estimated, shrunk or unknown).
 
     Example: slsd calibrate --annotations holdout.json --detections runs/teacher/detections.json --out calibration.json
     """

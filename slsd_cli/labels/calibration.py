@@ -15,8 +15,9 @@ over-confident. Classes with no judged detection get Delta = 0. ECE is the same 
 
 Which Δ Eq. 5 reads (`delta` in the file): Eq. 4's value (`raw_delta`) passed through an estimator
 (`labels.delta_estimate`): by default shrunk toward its frequency group's Δ in proportion to the
-class's ground-truth instances in the calibration data, and the group's Δ for a class with none
-(`status` unknown), so a class absent from the split is not "over-confident by its mean score".
+class's judged detections, and the group's Δ for a class with no ground-truth instance in the
+calibration data (`status` unknown), so a class absent from the split is not "over-confident by its
+mean score".
 
 Which detections are judged (the evaluation protocol's own rule):
 - LVIS protocol (`Annotations.protocol == "lvis"`): only detections on images where their class is
@@ -167,7 +168,7 @@ def _check_options(bins: int, iou: float, iou_type: str) -> int:
 def calibrate_detections(dets: Detections, annotations: "Annotations", bins: int = 10, iou: float = 0.5,
                          iou_type: IouType = "bbox", estimator: DeltaEstimator | None = None) -> dict:
     """The content of calibration.json for validated detections (see the module docstring);
-    `estimator` default: `DeltaEstimator()` (shrink on instances, k = DEFAULT_K)."""
+    `estimator` default: `DeltaEstimator()` (shrink on detections, k = DEFAULT_K)."""
     bins = _check_options(bins, iou, iou_type)
     estimator = DeltaEstimator() if estimator is None else estimator
     dets.require(iou_type)

@@ -6,23 +6,24 @@ Eq. 4's Δ_i is, bins aside, the precision of class i's judged detections minus 
 - a class with **no ground-truth instance** in the split has only false positives there: its Δ is
   minus its mean score whatever the detector does (LVIS: a 15 % held-out split of the training set
   holds 0-2 images of most rare classes). Nothing is known about its calibration: `unknown`;
-- a class with **few instances** has a precision measured on a handful of objects: its Δ is noise.
+- a class with **few detections or instances** has a precision measured on a handful of them: its Δ
+  is noise.
 
 `estimate_delta` therefore shrinks each class's Δ toward the pooled Δ of its frequency group:
 
     Δ̂_i = (n_i Δ_i + k Δ_group(i)) / (n_i + k)
 
-- `n_i` (`support`) counts the class's ground-truth **instances** in the calibration data (default;
-  or its judged **detections**); it is 0 for a class with no instance or no judged detection, whose
-  Δ̂ is then the group's Δ (status `unknown`);
+- `n_i` (`support`) counts the class's judged **detections** (default) or its ground-truth
+  **instances** in the calibration data; it is 0 for a class with no instance or no judged
+  detection, whose Δ̂ is then the group's Δ (status `unknown`), whatever its detections;
 - `Δ_group` is the support-weighted mean Δ of the group's classes with n_i > 0 (sum n_i Δ_i / sum n_i),
   falling back to all such classes when the group has none, and to 0 when no class has any;
 - `k` is the support at which a class's own Δ and its group's count equally; k = 0 keeps the
   measured Δ of every class with n_i > 0 (status `estimated`), k > 0 blends it (status `shrunk`).
 
 `raw` is Eq. 4 as measured for every class (0 without a judged detection), the literal reading.
-The default (shrink, instances, k = DEFAULT_K) was chosen by `benchmarks/bench_delta_estimators.py`:
-the estimator whose Δ̂ on one split best predicts Δ on another (docs/method.md, Eq. 4).
+The default (shrink, detections, k = 30) was chosen by `benchmarks/bench_delta_estimators.py`: the
+estimator whose Δ̂ on one split best predicts Δ on another (table in docs/method.md, Eq. 4).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ if TYPE_CHECKING:  # numpy is imported where it is used: `slsd calibrate --help`
 ESTIMATORS = ("shrink", "raw")
 SUPPORTS = ("instances", "detections")
 DEFAULT_ESTIMATOR = "shrink"
-DEFAULT_SUPPORT = "instances"
-DEFAULT_K = 10.0
+DEFAULT_SUPPORT = "detections"
+DEFAULT_K = 30.0
 FREQUENCY_GROUPS = ("r", "c", "f")
 ESTIMATED, SHRUNK, UNKNOWN = "estimated", "shrunk", "unknown"
 

@@ -517,9 +517,10 @@ def test_under_confident_rare_class_gets_positive_delta(tmp_path):
     under = result["per_class"]["2"]
     assert under["raw_delta"] == pytest.approx(0.8 - 0.28)
     prior = result["groups"]["r"]["prior"]
-    assert prior == pytest.approx((4 * 0.52 + 1 * (0.5 - 0.9)) / 5)
-    k = result["estimator"]["k"]
-    assert under["delta"] == pytest.approx((4 * 0.52 + k * prior) / (4 + k))
+    k, counted = result["estimator"]["k"], result["estimator"]["support"]
+    n2, n3 = (4, 1) if counted == "instances" else (5, 2)  # class 2's and class 3's support
+    assert prior == pytest.approx((n2 * 0.52 + n3 * (0.5 - 0.9)) / (n2 + n3))
+    assert under["delta"] == pytest.approx((n2 * 0.52 + k * prior) / (n2 + k))
     assert under["delta"] > 0 and prior < under["delta"] < under["raw_delta"]
     assert result["per_class"]["1"]["delta"] < 0  # the frequent class stays over-confident
 

@@ -57,7 +57,7 @@ from torch import Tensor
 from slsd_cli.errors import InputError
 from slsd_cli.model.eva02 import default_global_blocks
 from slsd_cli.model.model_config import ModelConfig
-from slsd_cli.model.timm_models import resample_pos_grid
+from slsd_cli.model.eva02 import resample_pos_embed
 
 NET = "backbone.net."
 DROPPED_SUFFIXES = ("fed_loss_cls_weights",)
@@ -313,7 +313,7 @@ def _pos_embed(value: Tensor, own: Tensor, key: str, source: str | Path) -> Tens
             raise InputError(f"tensor {key!r} has shape {tuple(value.shape)}: not a square position grid",
                              path=source)
     grid = math.isqrt(own.shape[1])
-    return resample_pos_grid(value, (side, side), (grid, grid), dtype=own.dtype)
+    return resample_pos_embed(value, (side, side), (grid, grid), dtype=own.dtype)
 
 
 def convert_checkpoint(checkpoint: str | Path, out_dir: str | Path, categories: list[dict], cfg: ModelConfig,

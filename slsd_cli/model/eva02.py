@@ -55,16 +55,20 @@ def default_global_blocks(depth: int) -> list[int]:
     return sorted({(i + 1) * depth // 4 - 1 for i in range(4)} - {-1})
 
 
-def resample_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> Tensor:
+def resample_pos_embed(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], *,
+                       compute_dtype: torch.dtype = torch.float64, dtype: torch.dtype | None = None) -> Tensor:
     """A position table [1, oh*ow, D] (no prefix tokens) -> [1, nh*nw, D] by plain bicubic
-    interpolation (align_corners=False, no antialiasing: EVA-02 / ViTDet's `get_abs_pos`)."""
+    interpolation (align_corners=False, no antialiasing: EVA-02 / ViTDet's `get_abs_pos`), computed in
+    `compute_dtype` and cast once to `dtype` (default: the table's own). Weights are converted in
+    float64 (cast once at the end); the forward pass resamples in the table's dtype, as the reference."""
     (oh, ow), (nh, nw) = old_grid, new_grid
-    if (oh, ow) == (nh, nw):
+    if (oh, ow) == (nh, nw) and dtype in (None, pos.dtype):
         return pos
     d = pos.shape[-1]
-    grid = pos.reshape(1, oh, ow, d).permute(0, 3, 1, 2).float()
-    out = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False, antialias=False)
-    return out.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(pos.dtype)
+    grid = pos.reshape(1, oh, ow, d).permute(0, 3, 1, 2).to(compute_dtype)
+    if (oh, ow) != (nh, nw):
+        grid = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False, antialias=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(dtype or pos.dtype)
 
 
 class EVA02ViT(nn.Module):
@@ -136,7 +140,8 @@ class EVA02ViT(nn.Module):
     def abs_pos(self, h: int, w: int) -> Tensor:
         if (h, w) == self.grid:
             return self.pos_embed.view(1, h, w, -1)
-        return resample_pos_embed(self.pos_embed, self.grid, (h, w)).view(1, h, w, -1)
+        return resample_pos_embed(self.pos_embed, self.grid, (h, w), compute_dtype=self.pos_embed.dtype).view(
+            1, h, w, -1)
 
     # ------------------------------------------------------------------ forward
     def _attention(self, blk: nn.Module, x: Tensor, windowed: bool) -> Tensor:

@@ -24,7 +24,7 @@ The detector's backbone (`model.backbone`) has its own rules (recipe keys, EVA c
 it shares `read_weights_file`, `architecture_kwargs` and `create_packaged`, and takes EVA-02's
 patch-14 MIM weights to patch 16 here:
 
-* `resample_pos_grid`: a position table to another grid by plain bicubic interpolation (no
+* `eva02.resample_pos_embed`: a position table to another grid by plain bicubic interpolation (no
   antialiasing: EVA-02 / ViTDet's `get_abs_pos`), computed in float64 and cast once at the end;
 * `eva_p14_to_p16`: EVA-02's own p14 -> p16 conversion (what its released `*_p14to16` MIM files
   hold, and what its detectors and Porcher et al. start from): the 14 x 14 patch kernel resized to
@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from slsd_cli.errors import InputError
 from slsd_cli.io import load_safetensors, load_torch_file
+from slsd_cli.model.eva02 import resample_pos_embed
 
 WeightsKind = Literal["file", "random-init", "pretrained", "packaged"]
 
@@ -254,19 +255,6 @@ def create_timm_model(name: str, *, weights: str | Path | None = None, random_in
 EVA_PRETRAIN_SIZE = 224  # EVA-02's MIM input size: a 16 x 16 grid at patch 14, 14 x 14 at patch 16
 
 
-def resample_pos_grid(pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
-                      dtype: torch.dtype | None = None) -> Tensor:
-    """A position table [1, oh*ow, D] (no prefix tokens) -> [1, nh*nw, D] by plain bicubic
-    interpolation (align_corners=False, no antialiasing: EVA-02 / ViTDet's `get_abs_pos`), computed
-    in float64 and cast once to `dtype` (default: the table's own)."""
-    (oh, ow), (nh, nw) = old_grid, new_grid
-    d = pos.shape[-1]
-    grid = pos.reshape(1, oh, ow, d).permute(0, 3, 1, 2).to(torch.float64)
-    if (oh, ow) != (nh, nw):
-        grid = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(dtype or pos.dtype)
-
-
 def _prefix_and_side(tokens: int) -> tuple[int, int] | None:
     """(prefix tokens, grid side) of a square position table with or without a class row."""
     for prefix in (1, 0):
@@ -296,7 +284,7 @@ def eva_p14_to_p16(state: dict, patch_size: int = 16) -> dict:
             elif str(key).endswith("pos_embed") and value.dim() == 3 and _prefix_and_side(value.shape[1]):
                 prefix, side = _prefix_and_side(value.shape[1])
                 new = side * old_patch // patch_size
-                table = resample_pos_grid(value[:, prefix:], (side, side), (new, new))
+                table = resample_pos_embed(value[:, prefix:], (side, side), (new, new))
                 value = torch.cat([value[:, :prefix], table], dim=1)
         out[key] = value
     return out

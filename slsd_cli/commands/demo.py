@@ -44,6 +44,7 @@ def demo(
     import dataclasses
 
     from slsd_cli.demo.pipeline import run_demo
+    from slsd_cli.interrupts import Interrupted
     from slsd_cli.demo.settings import FULL, QUICK, default_jobs, parse_fractions, parse_seeds
 
     size = FULL if full or tune or label_efficiency else QUICK  # one data size per protocol folder
@@ -54,9 +55,13 @@ def demo(
     # the CLI's entry point, handed over by `slsd_cli.cli.main` (commands never import the CLI): the demo
     # runs each of its steps through it, as `slsd <step>` would
     run_command = ctx.find_root().obj["run_command"]
-    run_demo(out_dir, run_command, full=full, tune_only=tune, label_efficiency_mode=label_efficiency, seeds=parse_seeds(seeds),
-             size=size, fractions=tuple(parse_fractions(fractions)),
-             jobs=jobs or default_jobs(full or tune or label_efficiency))
+    try:
+        run_demo(out_dir, run_command, full=full, tune_only=tune, label_efficiency_mode=label_efficiency,
+                 seeds=parse_seeds(seeds), size=size, fractions=tuple(parse_fractions(fractions)),
+                 jobs=jobs or default_jobs(full or tune or label_efficiency))
+    except Interrupted as exc:  # the steps running in child processes were stopped with it
+        raise Interrupted(exc.signum, exc.message or "the demo and its running steps stopped; rerun the demo to "
+                          "continue (finished steps are skipped, trainings resume)") from None
 
 
 def _check_size(size) -> None:

@@ -588,3 +588,36 @@ def test_cli_estimator_options(tmp_path, capsys):
                         (["--shrink-k", "-1"], "--shrink-k")):
         code, err = run_cli(base + bad, capsys)
         assert code == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_readers_take_new_and_old_calibration_files(tmp_path):
+    """load_delta (Eq. 5), plot reliability's reader and the demo's summary read this version's file
+    and one written before the support fields existed (per class only delta, count, bins)."""
+    from slsd_cli import plots
+    from slsd_cli.demo.diagnostics import calibration_summary
+
+    data, dets = make_dataset(6, "lvis")
+    ann = annotations_of(data, tmp_path)
+    new = compute_calibration(dets, ann)
+    old = {k: v for k, v in new.items() if k != "estimator"}
+    old["per_class"] = {cid: {"delta": v["raw_delta"], "count": v["count"], "bins": v["bins"]}
+                        for cid, v in new["per_class"].items()}
+    old["groups"] = {g: {k: v[k] for k in ("classes", "classes_with_detections", "count", "ece")}
+                     | {"mean_delta": v["mean_raw_delta"]} for g, v in new["groups"].items()}
+    ids = ann.category_ids
+    for name, content in (("new.json", new), ("old.json", old)):
+        path = tmp_path / name
+        path.write_text(json.dumps(content))
+        assert load_delta(path, ids).tolist() == pytest.approx([content["per_class"][str(c)]["delta"] for c in ids])
+        read = plots.read_calibration(path)
+        assert read.counts.tolist() == [b["count"] for b in new["reliability"]] and read.ece == new["ece"]
+        assert [plots.group_ece_text(read.groups[g]) for g in "rcf"] == \
+               [plots.group_ece_text(new["groups"][g]) for g in "rcf"]
+        summary = calibration_summary(path)
+        assert summary["ece"] == new["ece"]
+        for g in "rcf":  # the summary reads mean_delta: Δ̂'s mean in the new file, Eq. 4's in the old one
+            want = content["groups"][g]["mean_delta"]
+            if want is None:
+                assert math.isnan(summary[f"delta_{g}"])
+            else:
+                assert summary[f"delta_{g}"] == pytest.approx(want)

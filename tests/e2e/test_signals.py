@@ -168,19 +168,21 @@ def test_inference_rolls_back_and_a_plain_rerun_completes(world, tmp_path, monke
 # ------------------------------------------------------------------ symlinks a resumed run must not follow
 
 
-def test_resume_refuses_a_log_symlinked_out_of_the_run(world, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["log.txt", "metrics.jsonl", "eval.jsonl"])
+def test_resume_refuses_a_log_symlinked_out_of_the_run(world, tmp_path, capsys, name):
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(world["reference"], run)
     outside = tmp_path / "outside.txt"
     outside.write_text("not slsd's\n")
-    (run / "log.txt").unlink()
-    (run / "log.txt").symlink_to(outside)
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(outside)
+    before = sorted(p.name for p in run.iterdir())
     assert main(_train(world, run, "data.num_workers=0", "--iterations", "5", "--resume")) == 2
     err = capsys.readouterr().err
-    assert err.count("error:") == 1 and str(run / "log.txt") in err and "symbolic link" in err
-    assert outside.read_text() == "not slsd's\n"
+    assert err.count("error:") == 1 and str(run / name) in err and "symbolic link" in err, err
+    assert outside.read_text() == "not slsd's\n" and sorted(p.name for p in run.iterdir()) == before
 
 
 def test_force_removes_a_symlinked_run_folder_without_following_it(world, tmp_path):

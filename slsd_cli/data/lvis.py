@@ -107,7 +107,8 @@ def image_file_name(image: dict, path: str | Path | None = None, record: Any = N
         if not name:
             raise InputError("coco_url ends with '/': it names no file", path=path, record=record)
     elif name is None:
-        raise InputError("missing required key 'file_name' (or 'coco_url')", path=path, record=record)
+        missing = "file_name is null" if "file_name" in image else "missing required key 'file_name'"
+        raise InputError(f"{missing} (and no coco_url)", path=path, record=record)
     return check_file_name(name, path=path, record=record)
 
 

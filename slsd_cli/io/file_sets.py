@@ -165,6 +165,9 @@ class FileSet:
             _recover_once(folder)
             for target in self.targets:
                 check_output(target, force)
+            if self.staging.is_symlink():  # not made by slsd: never followed (the files would land elsewhere)
+                with output_errors(self.staging, self.staging):
+                    self.staging.unlink()
             try:
                 for i in range(len(self.targets)):
                     make_dirs(self.staging / str(i))

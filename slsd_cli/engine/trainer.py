@@ -56,7 +56,10 @@ Per iteration: lr from the schedule -> `accumulation` micro-batches (next_batch,
 forward, backward; DDP syncs gradients on the last) -> unscale (fp16), clip, global non-finite check
 (loss and gradient norm; one all-reduce) -> optimizer step or skip -> after_step -> log every
 `train.log_every` -> evaluate every `eval.every` -> checkpoint every `train.checkpoint_every` and at
-the end -> export on rank 0.
+the end -> export on rank 0. SIGINT / SIGTERM (`slsd_cli.interrupts`) never cut an iteration: the
+one-element non-finite all-reduce carries a second flag, "a rank received a signal", so every rank
+completes the same iteration (its evaluation included), rank 0 checkpoints and all raise
+`Interrupted` (exit 130 / 143); `--resume` then continues exactly as an unbroken run would.
 
 What makes runs exact and world-size independent:
 - The data stream (engine.stream) gives process r of W the global stream positions j*W + r, each

@@ -42,6 +42,8 @@ def soft_nms(boxes: Tensor, scores: Tensor, classes: Tensor, method: str, iou_th
     steps as the largest class has candidates; ties between equal scores go to the lower index."""
     if method not in ("linear", "gaussian"):
         raise ValueError(f"soft-NMS method must be linear or gaussian, got {method!r}")
+    if boxes.dtype in (torch.float16, torch.bfloat16):  # autocast: decay in float32, as the reference
+        boxes, scores = boxes.float(), scores.float()
     n = scores.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=scores.device), scores.new_zeros(0)

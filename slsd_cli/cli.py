@@ -3,6 +3,7 @@ small function that parses options and calls the library; no logic lives here.""
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 import traceback
 
                 traceback.print_exc()
-            print(f"error: {exc.line()}", file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops alike: rank 0 says so
+                print(f"error: {exc.line()}", file=sys.stderr)
             return exc.exit_code
 
 

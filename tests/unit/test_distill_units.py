@@ -192,3 +192,16 @@ def test_calibration_file_errors_name_the_record(tmp_path):
         assert info.value.record == f"per_class.{next(iter(per_class))}" and info.value.path == str(path)
     path.write_text(json.dumps({"per_class": {"5": {"delta": -0.25}}}))
     assert load_delta(path, [3, 5]).tolist() == [0.0, -0.25]
+
+
+def test_pseudo_label_spec_accepts_exactly_its_documented_choices():
+    from slsd_cli.labels.pseudo_labels import PseudoLabelSpec
+
+    for background in ("hard", "teacher"):
+        assert PseudoLabelSpec(background=background).background == background
+    for threshold_on in ("raw", "corrected"):
+        assert PseudoLabelSpec(threshold_on=threshold_on).threshold_on == threshold_on
+    for bad in ({"background": "soft"}, {"threshold_on": "both"}, {"targets": "hard"}, {"scope": "top"},
+                {"threshold": 1.5}, {"mask_threshold": 1.0}, {"ignore_low": 0.7, "threshold": 0.5}):
+        with pytest.raises(ValueError):
+            PseudoLabelSpec(**bad)

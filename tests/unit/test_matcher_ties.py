@@ -96,3 +96,22 @@ def test_a_tie_goes_where_the_official_tools_send_it(tmp_path, protocol):
         # the other reading of the tie would match both detections up to IoU 0.8
         assert ours[iou_type]["AP50"] == pytest.approx(1.0)
         assert ours[iou_type]["AP75"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_calibrate_judges_the_tie_the_same_way_at_its_iou(tmp_path):
+    """`slsd calibrate` uses the same matcher at one IoU (`--iou`): at 0.5 both detections are
+    correct; at 0.6 detection 2 (left with A, IoU 7/13) is not, which it would be had the tie gone
+    to A. The file records the IoU it judged at."""
+    from slsd_cli.labels.calibration import compute_calibration
+
+    gt, dets = _problem("lvis")
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(gt))
+    annotations = load_annotations(gt_path)
+    boxes_only = [{k: v for k, v in d.items() if k != "segmentation"} for d in dets]
+    for iou, accuracy_of_det2 in ((0.5, 1.0), (0.6, 0.0)):
+        result = compute_calibration(boxes_only, annotations, bins=10, iou=iou)
+        assert result["iou"] == iou
+        bins = result["reliability"]
+        assert (bins[9]["count"], bins[9]["accuracy"]) == (1, 1.0)               # detection 1, score 0.9
+        assert (bins[8]["count"], bins[8]["accuracy"]) == (1, accuracy_of_det2)  # detection 2, score 0.8

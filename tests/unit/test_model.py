@@ -317,6 +317,16 @@ def test_losses_and_gradients_reach_every_head(data, make_cfg):
         assert any(p.grad.abs().sum() > 0 for _, p in params), part
 
 
+def test_box_head_fc_starts_as_detectron2s_c2_xavier_fill():
+    """The box head's fc: kaiming_uniform with a = 1 (detectron2's c2_xavier_fill, as ViTDet), so
+    weights fill [-sqrt(3 / fan_in), sqrt(3 / fan_in)], and a zero bias."""
+    torch.manual_seed(0)
+    fc = build_model(tiny_cnn_config(), 3).roi_heads.stages[0].head.fc
+    bound = (3 / fc.weight.shape[1]) ** 0.5
+    assert float(fc.weight.abs().max()) <= bound and float(fc.weight.abs().max()) > 0.99 * bound
+    assert float(fc.bias.abs().max()) == 0.0
+
+
 def test_background_only_batch_has_finite_losses():
     torch.manual_seed(0)
     model = build_model(tiny_cnn_config(use_federated=True, federated_num_classes=2), 3, [1, 2, 3])

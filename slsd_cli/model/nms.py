@@ -38,42 +38,35 @@ def soft_nms(boxes: Tensor, scores: Tensor, classes: Tensor, method: str, iou_th
     IoU >= `iou_threshold` (linear) or by exp(-IoU^2 / sigma) (gaussian), and drop those whose
     score falls below `min_score`. -> (indices of the kept boxes, their decayed scores), best first.
 
-    All classes advance together (one selection per class per step), so the loop runs as many
-    steps as the largest class has candidates; ties between equal scores go to the lower index."""
+    All classes advance together (one selection per class per step, classes whose boxes are all
+    decided leave the grid), so the loop runs as many steps as the largest class has candidates;
+    ties between equal scores go to the lower index."""
     if method not in ("linear", "gaussian"):
         raise ValueError(f"soft-NMS method must be linear or gaussian, got {method!r}")
     if boxes.dtype in (torch.float16, torch.bfloat16):  # autocast: decay in float32, as the reference
         boxes, scores = boxes.float(), scores.float()
-    n = scores.shape[0]
-    if n == 0:
+    if scores.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=scores.device), scores.new_zeros(0)
-    shifted = _class_offset_boxes(boxes, classes)
-    order = torch.sort(classes, stable=True).indices  # candidates grouped by class, in index order
-    uniq, counts = torch.unique_consecutive(classes[order], return_counts=True)
-    groups, width = uniq.numel(), int(counts.max())
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(n, device=scores.device) - torch.repeat_interleave(starts, counts)
-    row = torch.repeat_interleave(torch.arange(groups, device=scores.device), counts)
-    index = torch.full((groups, width), -1, dtype=torch.long, device=scores.device)
-    index[row, slot] = order
-    present = index >= 0
-    gathered = index.clamp(min=0)
-    x1, y1, x2, y2 = (shifted[gathered, k] for k in range(4))
+    index, coords, score = _class_grid(_class_offset_boxes(boxes, classes), scores, classes)
+    x1, y1, x2, y2 = coords
     area = (x2 - x1) * (y2 - y1)
-    score = torch.where(present, scores[gathered], scores.new_zeros(()))
-    alive = present.clone()
-    rows = torch.arange(groups, device=scores.device)
+    alive = index >= 0
     kept_index, kept_score = [], []
     neg_inf = scores.new_full((), float("-inf"))
-    for _ in range(width):
-        active = alive.any(dim=1)
-        if not bool(active.any()):
-            break
+    while True:
+        rows_alive = alive.any(dim=1)
+        if not bool(rows_alive.all()):  # drop the finished classes, and the columns no box is left in
+            columns = torch.nonzero(alive.any(dim=0)).squeeze(1)
+            if columns.numel() == 0:
+                break
+            width = int(columns[-1]) + 1
+            index, x1, y1, x2, y2, area, score, alive = (
+                t[rows_alive, :width] for t in (index, x1, y1, x2, y2, area, score, alive))
+        rows = torch.arange(alive.shape[0], device=alive.device)
         best = torch.where(alive, score, neg_inf).argmax(dim=1)  # the first maximum of each row
-        r, b = rows[active], best[active]
-        kept_index.append(index[r, b])
-        kept_score.append(score[r, b])
-        alive[r, b] = False
+        kept_index.append(index[rows, best])
+        kept_score.append(score[rows, best])
+        alive[rows, best] = False
         w = (torch.minimum(x2, x2[rows, best][:, None]) - torch.maximum(x1, x1[rows, best][:, None])).clamp(min=0)
         h = (torch.minimum(y2, y2[rows, best][:, None]) - torch.maximum(y1, y1[rows, best][:, None])).clamp(min=0)
         inter = w * h
@@ -82,12 +75,27 @@ def soft_nms(boxes: Tensor, scores: Tensor, classes: Tensor, method: str, iou_th
             weight = torch.where(iou >= iou_threshold, 1 - iou, torch.ones_like(iou))
         else:
             weight = torch.exp(-(iou * iou) / sigma)
-        decay = alive & active[:, None]
-        score = torch.where(decay, score * weight, score)
-        alive &= ~(decay & (score < min_score))
+        score = torch.where(alive, score * weight, score)
+        alive &= ~(score < min_score)
     kept, new_scores = torch.cat(kept_index), torch.cat(kept_score)
     best_first = torch.sort(new_scores, descending=True, stable=True).indices
     return kept[best_first], new_scores[best_first]
+
+
+def _class_grid(boxes: Tensor, scores: Tensor, classes: Tensor) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+    """Candidates laid out one class per row, in index order: (index [G, W] (-1 = no box), the four
+    coordinates [G, W] each, scores [G, W])."""
+    n = scores.shape[0]
+    order = torch.sort(classes, stable=True).indices
+    _, counts = torch.unique_consecutive(classes[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(n, device=scores.device) - torch.repeat_interleave(starts, counts)
+    row = torch.repeat_interleave(torch.arange(counts.numel(), device=scores.device), counts)
+    index = torch.full((counts.numel(), int(counts.max())), -1, dtype=torch.long, device=scores.device)
+    index[row, slot] = order
+    gathered = index.clamp(min=0)
+    coords = tuple(boxes[gathered, k] for k in range(4))
+    return index, coords, torch.where(index >= 0, scores[gathered], scores.new_zeros(()))
 
 
 def select_detections(boxes: Tensor, probs: Tensor, score_threshold: float, nms: float, max_detections: int,

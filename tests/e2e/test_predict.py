@@ -97,6 +97,11 @@ def test_fp32_stays_the_default_on_cpu(world):
     predictor = Predictor.from_run(run, device="cpu")
     assert predictor.amp == "auto" and predictor.dtype is None  # no autocast: fp32 on the CPU
     assert autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    # a checkpoint converted from the EVA-02 reference stays in the reference's fp32 under auto
+    assert autocast_dtype("auto", torch.device("cuda"), converted=True) is None
+    assert autocast_dtype("bf16", torch.device("cuda"), converted=True) == torch.bfloat16
+    converted = Predictor(predictor.model, predictor.category_ids, meta={"converted_from": "eva02_L_lvis_bsl.pth"})
+    assert converted.dtype is None and "converted EVA-02 checkpoint" in converted.precision_note()
     assert autocast_dtype("fp16", torch.device("cuda")) == torch.float16
     with pytest.raises(InputError, match="fp16 needs a CUDA"):
         autocast_dtype("fp16", torch.device("cpu"))

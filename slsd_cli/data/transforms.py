@@ -4,7 +4,9 @@ A sample is the dict `InstanceDataset` yields: `image` (tv_tensors.Image uint8 [
 (tv_tensors.BoundingBoxes XYXY [G,4]), `masks` (tv_tensors.Mask uint8 [G,H,W]), `labels` [G] and
 bookkeeping (`image_id`, `orig_size`, `scale`). Every transform returns a new dict of the same shape;
 the geometry (flip, resize, crop) moves image, boxes and masks together, and `scale` accumulates the
-resize factor so predictions can be mapped back to the file's pixels (divide by `scale`).
+resize factor (the mean of the two axes'; predictions are mapped back to the file per axis, from the
+resized image's size: `model.postprocess.to_results`). The test resize is the reference's
+(`ResizeShortestEdge`: detectron2's sizes, Pillow's bilinear).
 
 Geometry is one affine map per sample (optional flip, isotropic scale, translation by the crop):
 the image goes through `v2.functional.resize`/`crop` (bilinear, antialiased), boxes through the v2

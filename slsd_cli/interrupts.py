@@ -169,6 +169,8 @@ def worker_init(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: ignore SIGINT, and SIGTERM unless the parent sends it (the
     DataLoader's own shutdown of a stuck worker; see the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to tell apart; torch's SIGTERM handling stays
+        return
     parent = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 

@@ -270,6 +270,28 @@ def test_relative_out_on_a_read_only_file_system_is_one_line(prepared: World, tm
         subprocess.run(["umount", "-l", str(ro)], capture_output=True)
 
 
+def test_a_planted_staging_link_is_never_followed(prepared: World, tmp_path: Path):
+    """A link someone left where a multi-file output stages its files: removed, never written through."""
+    out, victim = tmp_path / "split", tmp_path / "victim"
+    out.mkdir()
+    victim.mkdir()
+    (out / ".train.json.set.tmp").symlink_to(victim, target_is_directory=True)
+    assert main(["split", str(prepared.val), "--out-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["holdout.json", "train.json"] and list(victim.iterdir()) == []
+
+
+def test_appends_never_follow_a_link(tmp_path: Path):
+    from slsd_cli.errors import InputError
+    from slsd_cli.io import append_text
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("kept\n")
+    (tmp_path / "log.txt").symlink_to(outside)
+    with pytest.raises(InputError, match="symbolic link"):
+        append_text(tmp_path / "log.txt", "a line\n")
+    assert outside.read_text() == "kept\n"
+
+
 def test_one_line_whatever_the_message_holds():
     from slsd_cli.errors import InputError
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from slsd_cli import interrupts
 from slsd_cli.data.sampling import RepeatFactorSampler
 from slsd_cli.engine.seeding import AUGMENT, STREAM, sample_seed
 from slsd_cli.errors import InputError, unwrap_worker_error
@@ -89,7 +90,8 @@ class StepLoader:
         loader = torch.utils.data.DataLoader(
             _SeededDataset(self.dataset, self.seed), batch_size=self.micro_batch, sampler=keys,
             collate_fn=self.collate, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if self.num_workers > 0 else None, persistent_workers=False)
+            prefetch_factor=4 if self.num_workers > 0 else None, persistent_workers=False,
+            worker_init_fn=interrupts.worker_init)  # workers stop when this process decides (safe point)
         self._iter = iter(loader)
 
     def next(self) -> Any:

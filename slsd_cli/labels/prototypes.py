@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from slsd_cli import distributed
+from slsd_cli import distributed, interrupts
 from slsd_cli.data.images import load_image
 from slsd_cli.data.lvis import Annotations, annotation_mask
 from slsd_cli.errors import InputError
@@ -294,7 +294,7 @@ def accumulate_prototypes(extractor: Extractor, annotations: Annotations, images
     """Embed every instance of `image_ids` and sum them per class (this process's share only)."""
     dataset = InstanceImages(annotations, images_dir, image_ids, image_size, pool_size, mask_weighted)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=collate)
+                                         collate_fn=collate, worker_init_fn=interrupts.worker_init)
     acc = PrototypeAccumulator(annotations.num_classes, extractor.dim, device="cpu")
     extractor.module.to(device).eval()
     with torch.inference_mode():

@@ -37,7 +37,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from slsd_cli import distributed
+from slsd_cli import distributed, interrupts
 from slsd_cli.errors import InputError
 from slsd_cli.io import atomic_write_json, make_dirs, remove_leftovers, save_safetensors_atomic
 from slsd_cli.retrieval.embedders import Embedder
@@ -219,7 +219,8 @@ def embed_items(items, embedder: Embedder, cache_dir: str | Path, kind: str, *, 
 
     dataset = ItemDataset(items, todo, embedder.input_size, margin, hash_files)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=collate, pin_memory=embedder.device.type == "cuda")
+                                         collate_fn=collate, pin_memory=embedder.device.type == "cuda",
+                                         worker_init_fn=interrupts.worker_init)
     pending_iter = iter(pending)
     current = next(pending_iter)
     start, end = store.chunk_range(current)

@@ -13,8 +13,8 @@
   json (teacher, student), optionally a ground-truth row.
 
 Each builds a `matplotlib.figure.Figure` of a fixed size (no pyplot, no global state); `save_figure`
-writes it as `<stem>.png` and `<stem>.pdf` atomically, refusing existing files unless forced;
-`write_<kind>` is the whole of `slsd plot KIND` (check outputs, read, draw, save). Panels are named
+writes it as `<stem>.png` and `<stem>.pdf` (one set of outputs: both or neither), refusing existing
+files unless forced; `write_<kind>` is the whole of `slsd plot KIND` (check outputs, read, draw, save). Panels are named
 after each file's run (`run_label`). metrics.json holds AP as fractions in [0, 1] (-1 = undefined,
 the official tools' convention); the figures show percent, on an axis that never goes below 0.
 """
@@ -38,7 +38,7 @@ from slsd_cli.data.images import load_image
 from slsd_cli.data.lvis import FREQUENCY_GROUPS as GROUPS  # LVIS frequency groups, in plotting order
 from slsd_cli.data.lvis import GROUP_NAMES, Annotations, segmentation_to_rle
 from slsd_cli.errors import InputError
-from slsd_cli.io import atomic_path, check_output, read_json
+from slsd_cli.io import FileSet, check_output, read_json
 from slsd_cli.data.results import read_results
 
 DPI = 150
@@ -81,13 +81,13 @@ def check_figure_outputs(out: str | Path, force: bool) -> tuple[Path, Path]:
 
 
 def save_figure(fig: Figure, out: str | Path, force: bool = False) -> tuple[Path, Path]:
-    """Write `fig` as PNG and PDF next to each other, atomically; metadata without dates, so the
-    same figure gives the same PNG bytes."""
-    png, pdf = check_figure_outputs(out, force)
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=fig.dpi, metadata={"Software": None})
-    with atomic_path(pdf) as tmp:
-        fig.savefig(tmp, format="pdf", metadata={"CreationDate": None, "Creator": None, "Producer": None})
+    """Write `fig` as PNG and PDF next to each other, as one set of outputs (both or neither);
+    metadata without dates, so the same figure gives the same PNG bytes."""
+    png, pdf = figure_paths(out)
+    # one set: an interrupted run leaves neither file, so a plain rerun needs no --force
+    with FileSet([png, pdf], force) as files:
+        fig.savefig(files.stage(png), format="png", dpi=fig.dpi, metadata={"Software": None})
+        fig.savefig(files.stage(pdf), format="pdf", metadata={"CreationDate": None, "Creator": None, "Producer": None})
     return png, pdf
 
 

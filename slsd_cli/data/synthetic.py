@@ -579,50 +579,62 @@ def generate(out_dir: str | Path, classes: int = 40, train_images: int | None = 
                                                 first_pool_id + pool_images,
                                                 1 + len(train_anns) + len(val_anns) + len(pool_anns), staging, 13,
                                                 True, tick)
-        base_categories = [{"id": c.id, "name": c.name, "synonyms": [c.name],
-                            "def": f"a {c.colour} {c.texture} {c.shape}", "shape": c.shape, "colour": c.colour,
-                            "texture": c.texture} for c in class_list]
-        train = dataset_dict(train_imgs, train_anns, base_categories, {**info, "split": "train"})
-        categories = train["categories"]
-        for cat in categories:  # the intended group must be the realised one (exact counts)
-            assert cat["frequency"] == frequency_group(int(train_counts[cat["id"] - 1])), cat
-        val = {"info": {**info, "split": "val"}, "images": val_imgs, "annotations": val_anns, "categories": categories}
-        pool_gt = {"info": {**info, "split": "pool_gt"}, "images": pool_imgs, "annotations": pool_anns,
-                   "categories": categories}
-        pool = {"info": {**info, "split": "pool"},
-                "images": [{**img, "neg_category_ids": [], "not_exhaustive_category_ids": []} for img in pool_imgs],
-                "annotations": [], "categories": categories}
-        calib = {"info": {**info, "split": "calib", "calib_images": calib_images}, "images": calib_imgs,
-                 "annotations": calib_anns, "categories": categories}
-        group_of = {c["id"]: c["frequency"] for c in categories}
-        classes_doc = {
-            "info": info,
-            "attributes": {"shape": list(SHAPES), "colour": dict(COLOURS), "texture": list(TEXTURES)},
-            "similarity_definition": "fraction of shared attributes (shape, colour, texture)",
-            "classes": [{"id": c.id, "name": c.name, "shape": c.shape, "colour": c.colour, "hue_degrees": c.hue,
-                         "texture": c.texture, "frequency": group_of[c.id],
-                         "train_image_count": int(train_counts[c.id - 1]), "val_image_count": int(val_counts[c.id - 1])}
-                        for c in class_list],
-            "similarity": attribute_similarity(class_list),
-        }
-        docs = {"classes.json": classes_doc, "train.json": train, "val.json": val, "pool.json": pool,
-                "pool_gt.json": pool_gt, CALIB_FILE: calib}
+        docs = _documents(info, class_list, train_counts, val_counts, calib_images,
+                          {"train": (train_imgs, train_anns), "val": (val_imgs, val_anns),
+                           "pool": (pool_imgs, pool_anns), "calib": (calib_imgs, calib_anns)})
+        group_of = {c["id"]: c["frequency"] for c in docs["train.json"]["categories"]}
         for name in OUTPUT_FILES:
             atomic_write_json(outputs.stage(out_dir / name), docs[name])
 
-    groups = Counter(group_of.values())
     splits = {"train": (train_imgs, train_anns), "val": (val_imgs, val_anns), "pool_gt": (pool_imgs, pool_anns),
               "calib": (calib_imgs, calib_anns)}
+    return {"out_dir": str(out_dir), "images_dir": str(images_dir), "seed": seed, "image_size": image_size,
+            "classes": classes, **_split_summary(splits, group_of),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _documents(info: dict, class_list: list, train_counts: np.ndarray, val_counts: np.ndarray, calib_images: int,
+               records: dict[str, tuple[list, list]]) -> dict[str, dict]:
+    """The six json documents of the benchmark from each split's (images, annotations)."""
+    (train_imgs, train_anns), (val_imgs, val_anns) = records["train"], records["val"]
+    (pool_imgs, pool_anns), (calib_imgs, calib_anns) = records["pool"], records["calib"]
+    base_categories = [{"id": c.id, "name": c.name, "synonyms": [c.name],
+                        "def": f"a {c.colour} {c.texture} {c.shape}", "shape": c.shape, "colour": c.colour,
+                        "texture": c.texture} for c in class_list]
+    train = dataset_dict(train_imgs, train_anns, base_categories, {**info, "split": "train"})
+    categories = train["categories"]
+    for cat in categories:  # the intended group must be the realised one (exact counts)
+        assert cat["frequency"] == frequency_group(int(train_counts[cat["id"] - 1])), cat
+    val = {"info": {**info, "split": "val"}, "images": val_imgs, "annotations": val_anns, "categories": categories}
+    pool_gt = {"info": {**info, "split": "pool_gt"}, "images": pool_imgs, "annotations": pool_anns,
+               "categories": categories}
+    pool = {"info": {**info, "split": "pool"},
+            "images": [{**img, "neg_category_ids": [], "not_exhaustive_category_ids": []} for img in pool_imgs],
+            "annotations": [], "categories": categories}
+    calib = {"info": {**info, "split": "calib", "calib_images": calib_images}, "images": calib_imgs,
+             "annotations": calib_anns, "categories": categories}
+    group_of = {c["id"]: c["frequency"] for c in categories}
+    classes_doc = {
+        "info": info,
+        "attributes": {"shape": list(SHAPES), "colour": dict(COLOURS), "texture": list(TEXTURES)},
+        "similarity_definition": "fraction of shared attributes (shape, colour, texture)",
+        "classes": [{"id": c.id, "name": c.name, "shape": c.shape, "colour": c.colour, "hue_degrees": c.hue,
+                     "texture": c.texture, "frequency": group_of[c.id],
+                     "train_image_count": int(train_counts[c.id - 1]), "val_image_count": int(val_counts[c.id - 1])}
+                    for c in class_list],
+        "similarity": attribute_similarity(class_list),
+    }
+    return {"classes.json": classes_doc, "train.json": train, "val.json": val, "pool.json": pool,
+            "pool_gt.json": pool_gt, CALIB_FILE: calib}
+
+
+def _split_summary(splits: dict[str, tuple[list, list]], group_of: dict[int, str]) -> dict:
+    """The summary's class groups and per-split counts."""
+    groups = Counter(group_of.values())
     return {
-        "out_dir": str(out_dir),
-        "images_dir": str(images_dir),
-        "seed": seed,
-        "image_size": image_size,
-        "classes": classes,
         "groups": {g: int(groups.get(g, 0)) for g in FREQUENCY_GROUPS},
         "splits": {name: {"images": len(imgs), "instances": len(anns),
                           "empty_images": len(imgs) - len({a["image_id"] for a in anns}),
                           "instances_by_group": _group_shares(anns, group_of)}
                    for name, (imgs, anns) in splits.items()},
-        "seconds": round(time.perf_counter() - started, 3),
     }

@@ -203,9 +203,12 @@ class Demo:
         annotations = self.annotations(on)
         out = run / f"eval_{on}"
         self.runner.wait(run / "model.safetensors")
-        (self.runner.run if wait else self.runner.submit)(
-            f"eval {_run_label(run)} on {on}", ["eval", "--annotations", str(annotations), "--checkpoint", str(run),
-                                         "--images", str(self.images), "--out-dir", str(out)], out / "metrics.json")
+        argv = ["eval", "--annotations", str(annotations), "--checkpoint", str(run), "--images", str(self.images),
+                "--out-dir", str(out)]
+        if self.size.eval_max_dets != S.DemoSize.eval_max_dets:  # the default argv stays as the report lists it
+            argv += ["--max-dets", str(self.size.eval_max_dets)]
+        (self.runner.run if wait else self.runner.submit)(f"eval {_run_label(run)} on {on}", argv,
+                                                          out / "metrics.json")
         if not wait:
             return None
         if on == "val" and calibrate:

@@ -46,6 +46,7 @@ class DemoSize:
     distill_iterations: int = 150
     retrieve_k: int = 8
     bootstrap: int = 100  # bootstrap replicates over val images (0 = no bootstrap)
+    eval_max_dets: int = 300  # detections per image scored by `slsd eval` (LVIS: 300; tests use fewer)
 
 
 QUICK = DemoSize()

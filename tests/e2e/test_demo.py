@@ -21,7 +21,8 @@ from slsd_cli.errors import InputError
 from slsd_cli.stats import bootstrap_indices, bootstrap_interval, t_interval, t_quantile
 
 TINY = DemoSize(classes=10, train_images=255, val_images=12, pool_images=24, calib_images=16, image_size=64,
-                prototype_image_size=64, teacher_iterations=2, distill_iterations=2, retrieve_k=2, bootstrap=20)
+                prototype_image_size=64, teacher_iterations=2, distill_iterations=2, retrieve_k=2, bootstrap=20,
+                eval_max_dets=20)  # untrained models keep ~every proposal: scoring 300 masks per image is most of the cost
 
 
 @pytest.fixture

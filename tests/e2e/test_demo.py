@@ -309,7 +309,7 @@ def test_tuning_uses_the_held_out_split_never_val(quick_demo, tmp_path, monkeypa
 
 
 def test_default_grids_are_the_trimmed_budget():
-    """5 similarity teachers and 9 students: later stages add one new cell each (the other is the choice),
+    """5 similarity teachers and 7 students: later stages add one new cell each (the other is the choice),
     the unlabeled-loss weight two (0.5 and the control 0, which is never chosen); both readings of Eq. 5
     and τ are in the grids."""
     from slsd_cli.demo.tuning import SIMILARITY_TEACHER_GRID, STUDENT_GRID
@@ -325,7 +325,7 @@ def test_default_grids_are_the_trimmed_budget():
 
     defaults = demo_pipeline._defaults()
     assert cells(SIMILARITY_TEACHER_GRID, defaults["similarity"]) == 5
-    assert cells(STUDENT_GRID, defaults["student"]) == 9
+    assert cells(STUDENT_GRID, defaults["student"]) == 7
     assert "smoothing.temperature" in SIMILARITY_TEACHER_GRID.keys
     assert ("distill.correction_scope", ("all", "predicted")) in [a for st in STUDENT_GRID.stages for a in st.axes]
     assert ("distill.unsup_weight", 0.0) in STUDENT_GRID.exclude and ("distill.lam", 0.0) in STUDENT_GRID.exclude

@@ -49,7 +49,7 @@ def images_index_path(out_path: str | Path) -> Path:
     return out_path.with_name(f"{out_path.stem}.images.json")
 
 
-# a drawing's name stays this short, so its temporary (".NAME.XXXXXXXX.tmp") fits a 255-byte file name
+# a drawing's name stays this short, so its temporary (".NAME.<8 random characters>.tmp") fits a 255-byte file name
 DRAWING_NAME_BYTES = 200
 
 

@@ -1,5 +1,6 @@
 """Fixtures shared across the suite.
 
+- `pytest_configure`: under pytest-xdist, each worker's torch threads are its share of the cores.
 - `one_thread`: one torch intra-op thread for a test module. The suite runs on few shared cores,
   where two spinning OpenMP threads per process slow everything down, and one thread gives the same
   float reductions as the torchrun workers the tests launch with OMP_NUM_THREADS=1. Module-scoped,
@@ -16,6 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n`, the README's test command) the workers share the cores: each gets
+    cores / workers torch threads instead of every core (2 workers x 2 threads on 2 cores spin
+    against each other)."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="module")

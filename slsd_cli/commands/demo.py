@@ -27,6 +27,10 @@ def demo(
     teacher_iterations: int = typer.Option(None, "--teacher-iterations", min=1, help="Override the teacher's iterations."),
     distill_iterations: int = typer.Option(None, "--distill-iterations", min=1, help="Override the student's iterations."),
     train_images: int = typer.Option(None, "--train-images", min=1, help="Override the synthetic training images."),
+    regime: str = typer.Option("paper", "--regime", help="Training regime: paper (the recipes as they are), long "
+                               "(3x teacher iterations), classes120 (120 classes on the LVIS curve), federated (federated "
+                               "sigmoid loss), rfs (repeat-factor sampling at LVIS strength); see docs/demo.md. One "
+                               "--out-dir per regime."),
     jobs: int = typer.Option(None, "--jobs", "-j", min=1, help="Steps run at once, in child processes sharing the CPU "
                              "cores [default: 1; with --full, --tune or --label-efficiency: 2 on a machine with >= 2 "
                              "cores and no GPU]. Results are bit-exact for the same --jobs."),
@@ -40,14 +44,16 @@ def demo(
     \b
       slsd demo --out-dir runs/demo
       slsd demo --full --seeds 0,1,2 --out-dir runs/full
+      slsd demo --regime rfs --out-dir runs/demo_rfs
     """
     import dataclasses
 
     from slsd_cli.demo.pipeline import run_demo
     from slsd_cli.interrupts import Interrupted
-    from slsd_cli.demo.settings import FULL, QUICK, default_jobs, parse_fractions, parse_seeds
+    from slsd_cli.demo.settings import FULL, QUICK, default_jobs, parse_fractions, parse_regime, parse_seeds
 
-    size = FULL if full or tune or label_efficiency else QUICK  # one data size per protocol folder
+    chosen_regime = parse_regime(regime)
+    size = chosen_regime.apply(FULL if full or tune or label_efficiency else QUICK)  # one data size per folder
     overrides = {"teacher_iterations": teacher_iterations, "distill_iterations": distill_iterations,
                  "train_images": train_images, "val_images": val_images, "bootstrap": bootstrap}
     size = dataclasses.replace(size, **{k: v for k, v in overrides.items() if v is not None})
@@ -58,7 +64,7 @@ def demo(
     try:
         run_demo(out_dir, run_command, full=full, tune_only=tune, label_efficiency_mode=label_efficiency,
                  seeds=parse_seeds(seeds), size=size, fractions=tuple(parse_fractions(fractions)),
-                 jobs=jobs or default_jobs(full or tune or label_efficiency))
+                 jobs=jobs or default_jobs(full or tune or label_efficiency), regime=chosen_regime)
     except Interrupted as exc:  # the steps running in child processes were stopped with it
         raise Interrupted(exc.signum, exc.message or "the demo and its running steps stopped; rerun the demo to "
                           "continue (finished steps are skipped, trainings resume)") from None

@@ -67,6 +67,7 @@ class Demo:
     out: Path
     size: S.DemoSize
     runner: Runner
+    regime: S.Regime = S.REGIMES["paper"]
 
     def __post_init__(self) -> None:
         self.data = self.out / "data"            # slsd synth: train/val/pool json, classes.json, images/
@@ -106,9 +107,14 @@ class Demo:
         size = self.size
         wanted = {"classes": size.classes, "train_images": size.train_images, "val_images": size.val_images,
                   "pool_images": size.pool_images, "calib_images": size.calib_images, "image_size": size.image_size}
+        if self.regime.name != "paper":  # the record of a paper-regime folder stays as before regimes existed
+            wanted["regime"] = self.regime.name
         record = self.out / "demo_data.json"
         if record.exists():
             have = read_json(record)
+            if have.get("regime", "paper") != self.regime.name:
+                raise InputError(f"this folder's runs are in the {have.get('regime', 'paper')!r} regime (asked "
+                                 f"{self.regime.name!r}); use another --out-dir", path=self.out)
             if "calib_images" not in have:  # data from before the calibration split: Δ on the held-out split
                 wanted.pop("calib_images")
             if have != wanted:
@@ -159,7 +165,7 @@ class Demo:
         if fraction < 1:
             name = name.replace(f"_seed{seed}", f"_frac{fraction:g}_seed{seed}")
         run = self.runs / name
-        argv = ["train-teacher", S.TEACHER_RECIPE, *S.overrides(knobs), "--train-json", str(self.train_json(fraction)),
+        argv = ["train-teacher", S.TEACHER_RECIPE, *self.regime.overrides, *S.overrides(knobs), "--train-json", str(self.train_json(fraction)),
                 "--images", str(self.images), "--out-dir", str(run), "--smoothing", row.smoothing,
                 "--iterations", str(self.size.teacher_iterations), "--seed", str(seed), "--resume"]
         if row.smoothing == "similarity":
@@ -189,7 +195,7 @@ class Demo:
         name = S.student_run_name(targets, setting, teacher.name)
         run = self.runs / name
         calibration = self.calibrate_teacher(teacher)
-        argv = ["distill", S.DISTILL_RECIPE, *S.overrides(setting), "--teacher", str(teacher),
+        argv = ["distill", S.DISTILL_RECIPE, *self.regime.overrides, *S.overrides(setting), "--teacher", str(teacher),
                 "--unlabeled", str(self.retrieval / "unlabeled.json"), "--unlabeled-images", str(self.images),
                 "--calibration", str(calibration), "--out-dir", str(run), "--targets", targets,
                 "--iterations", str(self.size.distill_iterations), "--seed", str(seed), "--resume"]
@@ -447,26 +453,28 @@ def _mean_metrics(per_seed: list[dict], method: str, fraction: float, seeds: lis
 
 def run_demo(out_dir: Path, run_command: Callable[[list[str]], int], *, full: bool = False,
              tune_only: bool = False, label_efficiency_mode: bool = False, seeds: list[int] | None = None,
-             size: S.DemoSize | None = None, fractions: tuple[float, ...] = DEFAULT_FRACTIONS, jobs: int = 1) -> Path:
+             size: S.DemoSize | None = None, fractions: tuple[float, ...] = DEFAULT_FRACTIONS, jobs: int = 1,
+             regime: S.Regime = S.REGIMES["paper"]) -> Path:
     """Run the demo in `out_dir` and return the path of its report. `run_command(argv) -> exit code`
     runs one `slsd` command in this process (the CLI's `main`); `jobs`: steps run at once, in child
-    processes sharing the cores; 1 = one after the other in this process."""
+    processes sharing the cores; 1 = one after the other in this process. `regime`: its recipe overrides go
+    to every training (its size changes are the caller's: `size` is used as given)."""
     runner = Runner(Path(out_dir), run_command, jobs=jobs)
     try:
         return _run_demo(runner, full=full, tune_only=tune_only, label_efficiency_mode=label_efficiency_mode,
-                         seeds=seeds, size=size, fractions=fractions)
+                         seeds=seeds, size=size, fractions=fractions, regime=regime)
     finally:
         runner.close()  # children still running after an error or an interrupt are stopped (training resumes)
 
 
 def _run_demo(runner: Runner, *, full: bool, tune_only: bool, label_efficiency_mode: bool, seeds: list[int] | None,
-              size: S.DemoSize | None, fractions: tuple[float, ...]) -> Path:
+              size: S.DemoSize | None, fractions: tuple[float, ...], regime: S.Regime) -> Path:
     started = time.perf_counter()
     out_dir = runner.out_dir
     make_dirs(out_dir)  # a read-only or blocked location: the one-line error
     size = size or (S.FULL if full or tune_only or label_efficiency_mode else S.QUICK)
     seeds = seeds or ([0, 1, 2] if full else [0])
-    demo = Demo(out_dir, size, runner)
+    demo = Demo(out_dir, size, runner, regime)
     demo.prepare(fractions if label_efficiency_mode else ())
     mode = "full" if full else "tune" if tune_only else "label-efficiency" if label_efficiency_mode else "quick"
 
@@ -639,6 +647,10 @@ def _setup(demo: Demo, mode: str, chosen: Mapping[str, dict]) -> list[str]:
                      + (f" The table's APr/APc/APf use val.json's groups ({groups(demo.data / 'val.json')}; counted on "
                         f"all {size.train_images} training images), Fig. 4 the training split's."
                         if mode not in ("tune", "label-efficiency") else ""))
+    if demo.regime.name != "paper":
+        lines.append(f"- Regime `{demo.regime.name}` (`slsd demo --regime {demo.regime.name}`): {demo.regime.description}"
+                     + (f"; every training gets `{' '.join(demo.regime.overrides)}`" if demo.regime.overrides else "")
+                     + ".")
     recipe = S.recipe_defaults(["model.backbone", "model.pretrained"], S.TEACHER_RECIPE)
     lines.append(f"- Detector: `{S.TEACHER_RECIPE}` recipe (backbone `{recipe.get('model.backbone')}`, pretrained: "
                  f"{recipe.get('model.pretrained')}), {size.teacher_iterations} teacher and {size.distill_iterations} "

@@ -78,11 +78,29 @@ def bootstrap_metrics(annotations: Annotations, detections: Mapping[str, Detecti
         import multiprocessing
 
         chunks = np.array_split(np.arange(replicates), min(workers, replicates))
-        with multiprocessing.get_context("fork").Pool(len(chunks)) as pool:
+        pool = multiprocessing.get_context("fork").Pool(len(chunks), initializer=_worker_signals)
+        try:
             parts = pool.map(job, [draws[chunk] for chunk in chunks])
+            pool.close()  # workers finish and exit on their own; terminate() is only for a failure
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
     else:
         parts = [job(draws)]
     return {name: np.concatenate([part[name] for part in parts]) for name in detections}
+
+
+def _worker_signals() -> None:
+    """A forked worker inherits slsd's SIGINT / SIGTERM handlers, which leave a forked child's fate
+    to its parent and so ignore the parent's own SIGTERM: Pool.terminate() then waited on it forever
+    (the demo's closing bootstrap hung for minutes). Workers take the default actions instead, and
+    ignore SIGINT: a terminal's Ctrl-C reaches the parent, which stops them."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Job:

@@ -30,7 +30,7 @@ from torchvision.ops import box_iou
 
 from slsd_cli.model.box_coder import BoxCoder, clip_boxes
 from slsd_cli.model.model_config import ModelConfig
-from slsd_cli.model.losses import (box_regression_loss, federated_classes, gather_class_targets,
+from slsd_cli.model.losses import (box_regression_loss, federated_classes, gather_class_targets, labeled_classes,
                                    sigmoid_classification_loss, softmax_classification_loss)
 from slsd_cli.model.proposal_matching import in_ignore_regions, match, sample
 from slsd_cli.model.poolers import MultiLevelRoIAlign
@@ -174,7 +174,12 @@ class CascadeHeads(nn.Module):
             if self.cfg.classifier == "sigmoid":
                 fed = None
                 if self.cfg.use_federated:
-                    fed = federated_classes(soft, self.class_weights, self.cfg.federated_num_classes)
+                    present = None  # federated_set "targets": every class a (smoothed) target reaches
+                    if self.cfg.federated_set == "labels":
+                        present = labeled_classes([t["labels"] for t in targets], matched, foreground,
+                                                  soft.shape[1])
+                    fed = federated_classes(soft, self.class_weights, self.cfg.federated_num_classes,
+                                            present=present)
                 losses[f"cls_stage{k}"] = sigmoid_classification_loss(logits, soft, cls_weights, fed)
             else:
                 losses[f"cls_stage{k}"] = softmax_classification_loss(logits, soft, fg, cls_weights)

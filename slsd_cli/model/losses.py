@@ -32,10 +32,11 @@ def gather_class_targets(class_targets: Tensor, matched: Tensor, foreground: Ten
 
 
 def federated_classes(targets: Tensor, class_weights: Tensor, num_fed: int,
-                      generator: torch.Generator | None = None) -> Tensor:
-    """Boolean mask [C] of the classes in the federated loss: the classes with a non-zero target in
-    `targets` [N, C] always, plus classes sampled ~ class_weights until num_fed are chosen."""
-    chosen = (targets > 0).any(dim=0)
+                      generator: torch.Generator | None = None, present: Tensor | None = None) -> Tensor:
+    """Boolean mask [C] of the classes in the federated loss: the `present` classes (a boolean mask
+    [C]; default: every class with a non-zero target in `targets` [N, C]) always, plus classes
+    sampled ~ class_weights until num_fed are chosen."""
+    chosen = (targets > 0).any(dim=0) if present is None else present.to(device=targets.device, dtype=torch.bool)
     missing = num_fed - int(chosen.sum())
     if missing > 0:
         prob = class_weights.float().clone()
@@ -46,6 +47,16 @@ def federated_classes(targets: Tensor, class_weights: Tensor, num_fed: int,
             chosen = chosen.clone()
             chosen[picked] = True
     return chosen
+
+
+def labeled_classes(labels: list[Tensor], matched: list[Tensor], foreground: list[Tensor], num_classes: int) -> Tensor:
+    """Boolean mask [C]: the classes of the ground truths (or pseudo-labels) matched to foreground RoIs,
+    detectron2's "present" classes of the federated loss, whatever their smoothed targets spread."""
+    present = torch.zeros(num_classes, dtype=torch.bool, device=labels[0].device if labels else None)
+    for lab, m, f in zip(labels, matched, foreground):
+        if lab.numel() and bool(f.any()):
+            present[lab[m[f]]] = True
+    return present
 
 
 def sigmoid_classification_loss(logits: Tensor, targets: Tensor, roi_weights: Tensor | None = None,

@@ -89,6 +89,10 @@ class ModelConfig:
     use_federated: bool = True                # sigmoid only
     federated_num_classes: int = ranged(50, "[1, inf)")
     federated_power: float = ranged(0.5, "[0, inf)")
+    # which classes always enter the federated loss: "labels" = the classes of the ground truths (or
+    # pseudo-labels) matched to foreground RoIs (detectron2 / EVA-02); "targets" = every class with a
+    # non-zero target, which under label smoothing is every class: the federated loss is then plain BCE
+    federated_set: Literal["labels", "targets"] = "labels"
     # ---- inference
     test_score_threshold: float = ranged(0.02, "[0, 1]")
     test_nms: float = ranged(0.5, "(0, 1]")
@@ -125,6 +129,7 @@ WEIGHT_SOURCE_KEYS = ("pretrained", "pretrained_name", "weights", "patch_resize"
 NON_NETWORK_KEYS = ("drop_path", "grad_checkpointing", "rpn_iou_thresholds", "rpn_batch_size_per_image",
                     "rpn_positive_fraction", "rpn_pre_nms_topk_train", "rpn_post_nms_topk_train", "rois_per_image",
                     "positive_fraction", "cascade_ious", "use_federated", "federated_num_classes", "federated_power",
+                    "federated_set",
                     "rpn_nms", "rpn_pre_nms_topk_test", "rpn_post_nms_topk_test", "test_score_threshold", "test_nms",
                     "max_detections", "test_soft_nms", "test_soft_nms_iou", "test_soft_nms_sigma", "test_maskness")
 

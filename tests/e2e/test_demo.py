@@ -251,6 +251,35 @@ def test_val_bootstrap_is_paired_and_exact(quick_demo):
     assert sum(k.startswith("run") for k in cached.files) == 2 and cached["run0"].shape == (20, 4)
 
 
+def test_bootstrap_workers_end_under_slsd_signal_handlers(quick_demo):
+    """The demo bootstraps in forked workers while slsd's SIGINT / SIGTERM handlers are installed
+    (inherited by the workers, which then ignored the pool's SIGTERM: it hung at exit)."""
+    import signal
+
+    from slsd_cli import interrupts
+    from slsd_cli.data.lvis import load_annotations
+    from slsd_cli.evaluation.bootstrap import bootstrap_metrics
+
+    out, _ = quick_demo
+    annotations = load_annotations(out / "data" / "val.json")
+    dets = {"a": _noisy_detections(annotations, 0), "b": _noisy_detections(annotations, 1)}
+
+    def too_long(signum, frame):
+        raise TimeoutError("the bootstrap's worker pool did not end")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(60)
+    try:
+        with interrupts.handling():
+            forked = bootstrap_metrics(annotations, dets, replicates=4, seed=2, workers=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    here = bootstrap_metrics(annotations, dets, replicates=4, seed=2, workers=1)
+    for name in dets:
+        assert np.array_equal(forked[name], here[name], equal_nan=True)
+
+
 def test_rerun_skips_finished_steps(quick_demo, one_thread):
     out, _ = quick_demo
     teacher = out / "runs" / _quick_runs()[0] / "model.safetensors"
@@ -259,6 +288,41 @@ def test_rerun_skips_finished_steps(quick_demo, one_thread):
     steps = text[text.index("## Steps"):]
     assert steps.count("| skipped (") >= 14 and "when run) |" in steps  # each step's time is kept
     assert teacher.stat().st_mtime_ns == before
+
+
+def test_regime_overrides_reach_teacher_and_student(quick_demo, tmp_path, one_thread):
+    import dataclasses
+
+    import yaml
+
+    from slsd_cli.demo.runner import Runner
+    from slsd_cli.demo.settings import REGIMES
+
+    out, _ = quick_demo
+    for folder in ("data", "split", "retrieval"):  # the quick demo's data; this folder's runs are the regime's
+        (tmp_path / folder).symlink_to(out / folder, target_is_directory=True)
+    demo = demo_pipeline.Demo(tmp_path, dataclasses.replace(TINY, teacher_iterations=1, distill_iterations=1),
+                              Runner(tmp_path, main), REGIMES["federated"])
+    teacher = demo.teacher(TEACHERS["onehot"], {}, 0)
+    student = demo.student("soft", {"distill.lam": 2.0}, teacher, 0)
+    for run in (teacher, student):
+        model = yaml.safe_load((run / "recipe.yaml").read_text())["model"]
+        assert model["use_federated"] is True and model["federated_num_classes"] == 10, run
+    plain = yaml.safe_load((out / "runs" / _quick_runs()[0] / "recipe.yaml").read_text())["model"]
+    assert plain["use_federated"] is False
+
+
+def test_one_folder_holds_one_regime(tmp_path):
+    from slsd_cli.demo.runner import Runner
+    from slsd_cli.demo.settings import QUICK, REGIMES, parse_regime
+
+    with pytest.raises(InputError, match="--regime must be one of"):
+        parse_regime("longer")
+    assert REGIMES["classes120"].apply(QUICK).classes == 120 and REGIMES["long"].apply(QUICK).teacher_iterations == 900
+    (tmp_path / "demo_data.json").write_text(json.dumps({"classes": 40, "regime": "rfs"}))
+    demo = demo_pipeline.Demo(tmp_path, QUICK, Runner(tmp_path, main), REGIMES["paper"])
+    with pytest.raises(InputError, match="'rfs' regime"):
+        demo.check_data_size()
 
 
 def test_label_efficiency_writes_what_the_plot_reads(quick_demo, one_thread):

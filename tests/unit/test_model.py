@@ -259,6 +259,24 @@ def test_federated_set_keeps_every_soft_target_class():
     assert int(federated_classes(many, torch.ones(100), 50).sum()) == 60
 
 
+def test_federated_set_from_labels_ignores_smoothing_mass():
+    """Label smoothing gives every class a target: the federated set is then the matched ground
+    truths' classes (detectron2), not every class (which made the federated loss plain BCE)."""
+    from slsd_cli.model.losses import labeled_classes
+
+    labels = [torch.tensor([5, 42]), torch.tensor([7])]  # image 0: gts of classes 5, 42; image 1: class 7
+    matched = [torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0])]
+    foreground = [torch.tensor([True, False, False, True]), torch.tensor([False, True])]  # gt 1 (42) unmatched
+    present = labeled_classes(labels, matched, foreground, 100)
+    assert torch.nonzero(present).flatten().tolist() == [5, 7]
+    smoothed = torch.full((6, 100), 0.001)  # every class reached by smoothing
+    assert int(federated_classes(smoothed, torch.ones(100), 10).sum()) == 100
+    fed = federated_classes(smoothed, torch.ones(100), 10, present=present)
+    assert bool(fed[[5, 7]].all()) and int(fed.sum()) == 10
+    assert not bool(labeled_classes([torch.zeros(0, dtype=torch.long)], [torch.zeros(3, dtype=torch.long)],
+                                    [torch.zeros(3, dtype=torch.bool)], 100).any())
+
+
 def _targets_for(targets: list[dict], num_classes: int, soft: bool = False) -> list[dict]:
     out = []
     for t in targets:

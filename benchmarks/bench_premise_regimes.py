@@ -101,8 +101,9 @@ def table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in results:
         deltas = " | ".join(interval_text(Interval(**r["delta"][g])) for g in FREQUENCY_GROUPS)
-        lines.append(f"| {r['regime']} | {deltas} | {100 * r['AP']:.1f} / {100 * r['APr']:.1f} / {100 * r['APf']:.1f} | "
-                     f"{r['cls_loss_first_fifth']:.3f} → {r['cls_loss_last_fifth']:.3f} | {r['seconds'] / 60:.1f} |")
+        ap = " / ".join(f"{100 * r[k]:.1f}" for k in ("AP", "APr", "APf"))
+        loss = f"{r['cls_loss_first_fifth']:.3f} → {r['cls_loss_last_fifth']:.3f}"
+        lines.append(f"| {r['regime']} | {deltas} | {ap} | {loss} | {r['seconds'] / 60:.1f} |")
     lines.append("")
     lines += [f"- {r['regime']}: {r['verdict']}" for r in results]
     return "\n".join(lines)

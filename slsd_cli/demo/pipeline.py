@@ -165,9 +165,9 @@ class Demo:
         if fraction < 1:
             name = name.replace(f"_seed{seed}", f"_frac{fraction:g}_seed{seed}")
         run = self.runs / name
-        argv = ["train-teacher", S.TEACHER_RECIPE, *self.regime.overrides, *S.overrides(knobs), "--train-json", str(self.train_json(fraction)),
-                "--images", str(self.images), "--out-dir", str(run), "--smoothing", row.smoothing,
-                "--iterations", str(self.size.teacher_iterations), "--seed", str(seed), "--resume"]
+        argv = ["train-teacher", S.TEACHER_RECIPE, *self.regime.overrides, *S.overrides(knobs), "--train-json",
+                str(self.train_json(fraction)), "--images", str(self.images), "--out-dir", str(run), "--smoothing",
+                row.smoothing, "--iterations", str(self.size.teacher_iterations), "--seed", str(seed), "--resume"]
         if row.smoothing == "similarity":
             argv += ["--prototypes", str(self.prototypes(fraction))]
         (self.runner.run if wait else self.runner.submit)(name, argv, run / "model.safetensors")
@@ -195,9 +195,9 @@ class Demo:
         name = S.student_run_name(targets, setting, teacher.name)
         run = self.runs / name
         calibration = self.calibrate_teacher(teacher)
-        argv = ["distill", S.DISTILL_RECIPE, *self.regime.overrides, *S.overrides(setting), "--teacher", str(teacher),
-                "--unlabeled", str(self.retrieval / "unlabeled.json"), "--unlabeled-images", str(self.images),
-                "--calibration", str(calibration), "--out-dir", str(run), "--targets", targets,
+        argv = ["distill", S.DISTILL_RECIPE, *self.regime.overrides, *S.overrides(setting), "--teacher",
+                str(teacher), "--unlabeled", str(self.retrieval / "unlabeled.json"), "--unlabeled-images",
+                str(self.images), "--calibration", str(calibration), "--out-dir", str(run), "--targets", targets,
                 "--iterations", str(self.size.distill_iterations), "--seed", str(seed), "--resume"]
         (self.runner.run if wait else self.runner.submit)(name, argv, run / "model.safetensors")
         return run
@@ -238,9 +238,11 @@ def _run_label(run: Path) -> str:
 # ---------------------------------------------------------------- held-out grid
 
 
-def run_grid(demo: Demo, grid: Grid, base: Mapping[str, Any], train_cell) -> tuple[list[CellResult], dict]:
+def run_grid(demo: Demo, grid: Grid, base: Mapping[str, Any], train_cell,
+             after_stage: Callable[[set[str], dict], None] | None = None) -> tuple[list[CellResult], dict]:
     """Run a grid's stages (each cell: `train_cell(setting) -> run dir`, scored on holdout.json) and
-    return its cells and the chosen setting."""
+    return its cells and the chosen setting. `after_stage(decided keys, chosen so far)` is called
+    after each stage (a later stage never changes a key an earlier one decided)."""
     from slsd_cli.demo.table import metric_columns
 
     results: list[CellResult] = []
@@ -258,23 +260,35 @@ def run_grid(demo: Demo, grid: Grid, base: Mapping[str, Any], train_cell) -> tup
                                             None if all(v != v for v in pl.values()) else pl))
         results += stage_results
         chosen = dict(choose(along_axes(results, chosen, stage.keys), grid.exclude).setting)
+        if after_stage is not None:
+            after_stage({k for done in grid.stages[:index + 1] for k in done.keys}, chosen)
     for r in results:
         r.chosen = r.setting == chosen
     return results, chosen
 
 
 def tune(demo: Demo, seed: int, after_teachers=None) -> dict[str, Any]:
-    """The held-out grids at `seed`; writes and returns tuning.json's content. `after_teachers(chosen)`
-    is called once the teachers' settings are chosen (the full demo queues Table 1's teachers there,
-    so they train beside the student grid)."""
+    """The held-out grids at `seed`; writes and returns tuning.json's content. `after_teachers(chosen,
+    keys=...)` is called once the teachers' settings are chosen (the full demo queues Table 1's teachers
+    there, so they train beside the student grid), and with keys=["uniform"] as soon as the similarity
+    grid has chosen ε (the uniform teachers then train beside its γ and τ stages)."""
     grids = []
     sim_row = S.TEACHERS["similarity"]
     defaults = _defaults()
+    def uniform_setting(chosen: Mapping[str, Any]) -> dict[str, Any]:
+        # the uniform teacher takes the similarity grid's ε (no grid of its own: ~3 teacher runs saved)
+        return {k: chosen[k] for k in defaults["uniform"] if k in chosen}
+
+    def queue_uniform(decided: set[str], chosen: dict) -> None:
+        # ε is decided by the first stage: the uniform teachers fill the core the one-cell γ and τ stages leave idle
+        if after_teachers is not None and set(defaults["uniform"]) <= decided:
+            after_teachers({"uniform": uniform_setting(chosen)}, keys=["uniform"])
+
     sim_cells, sim_chosen = run_grid(demo, SIMILARITY_TEACHER_GRID, defaults["similarity"],
-                                     lambda setting, wait=True: demo.teacher(sim_row, setting, seed, wait=wait))
+                                     lambda setting, wait=True: demo.teacher(sim_row, setting, seed, wait=wait),
+                                     after_stage=queue_uniform)
     grids.append((SIMILARITY_TEACHER_GRID, sim_cells, sim_chosen))
-    # the uniform teacher takes the similarity grid's ε (no grid of its own: ~3 teacher runs saved)
-    uni_chosen = {k: sim_chosen[k] for k in defaults["uniform"] if k in sim_chosen}
+    uni_chosen = uniform_setting(sim_chosen)
     if after_teachers is not None:
         after_teachers({"similarity": sim_chosen, "uniform": uni_chosen})
     teacher = demo.teacher(sim_row, sim_chosen, seed)
@@ -648,8 +662,9 @@ def _setup(demo: Demo, mode: str, chosen: Mapping[str, dict]) -> list[str]:
                         f"all {size.train_images} training images), Fig. 4 the training split's."
                         if mode not in ("tune", "label-efficiency") else ""))
     if demo.regime.name != "paper":
-        lines.append(f"- Regime `{demo.regime.name}` (`slsd demo --regime {demo.regime.name}`): {demo.regime.description}"
-                     + (f"; every training gets `{' '.join(demo.regime.overrides)}`" if demo.regime.overrides else "")
+        regime = demo.regime
+        lines.append(f"- Regime `{regime.name}` (`slsd demo --regime {regime.name}`): {regime.description}"
+                     + (f"; every training gets `{' '.join(regime.overrides)}`" if regime.overrides else "")
                      + ".")
     recipe = S.recipe_defaults(["model.backbone", "model.pretrained"], S.TEACHER_RECIPE)
     lines.append(f"- Detector: `{S.TEACHER_RECIPE}` recipe (backbone `{recipe.get('model.backbone')}`, pretrained: "

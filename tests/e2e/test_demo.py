@@ -370,6 +370,16 @@ def test_tuning_uses_the_held_out_split_never_val(quick_demo, tmp_path, monkeypa
         assert (tmp_path / "runs" / cell["run"] / "eval_holdout" / "metrics.json").exists()
     assert "## Held-out grid: similarity teacher" in report and "| eps | stage |" in report
     assert "## Held-out grid: student (soft targets)" in report and "PL/img" in report
+    # each stage reports what it decided (the full demo queues the uniform teachers once ε is): rerun, all skipped
+    from slsd_cli.demo.runner import Runner
+
+    demo, calls = demo_pipeline.Demo(tmp_path, TINY, Runner(tmp_path, main)), []
+    def cell(setting: dict, wait: bool = True):
+        return demo.teacher(TEACHERS["similarity"], setting, 0, wait=wait)
+
+    _, chosen = demo_pipeline.run_grid(demo, grids["SIMILARITY_TEACHER_GRID"], defaults["similarity"], cell,
+                                       after_stage=lambda decided, now: calls.append((decided, dict(now))))
+    assert calls == [({"smoothing.epsilon"}, chosen)] and all(step.skipped for step in demo.runner.steps)
 
 
 def test_default_grids_are_the_trimmed_budget():

@@ -94,9 +94,10 @@ def bootstrap_metrics(annotations: Annotations, detections: Mapping[str, Detecti
 
 def _worker_signals() -> None:
     """A forked worker inherits slsd's SIGINT / SIGTERM handlers, which leave a forked child's fate
-    to its parent and so ignore the parent's own SIGTERM: Pool.terminate() then waited on it forever
-    (the demo's closing bootstrap hung for minutes). Workers take the default actions instead, and
-    ignore SIGINT: a terminal's Ctrl-C reaches the parent, which stops them."""
+    to its parent and so ignore the parent's own SIGTERM. Pool.terminate() drains the task queue, so
+    an idle worker can lose its stop sentinel and relies on that SIGTERM: the pool then waited on it
+    forever (the demo's closing bootstrap hung for minutes). Workers take the default actions
+    instead, and ignore SIGINT: a terminal's Ctrl-C reaches the parent, which stops them."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
